@@ -1,0 +1,399 @@
+//! The decoder forward pass over a batch of token spans from different sequences.
+
+use crate::config::ModelConfig;
+use crate::dtype::{round_slice, Elem};
+use crate::kernels::attention::{attention, AttentionShape};
+use crate::kernels::gemm::{matmul, Output};
+use crate::kernels::math::silu;
+use crate::kernels::norm::rms_norm;
+use crate::kernels::rope::Rope;
+use crate::kernels::Kernels;
+use crate::kv::KvCache;
+use crate::weights::{expected_tensors, validate, Coverage, TensorSource, WeightError};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Which positions of a span need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// None (a prefill chunk that is not the last).
+    None,
+    /// Only the span's last token.
+    Last,
+    /// Every token of the span (prompt logprobs, scoring).
+    All,
+}
+
+/// Consecutive tokens of one sequence starting at a known position.
+#[derive(Debug, Clone, Copy)]
+pub struct Span<'a> {
+    /// The K/V store's handle of the sequence.
+    pub seq: usize,
+    /// Position of `tokens[0]`; positions before it must already be in the K/V store.
+    pub start_pos: usize,
+    /// Token ids.
+    pub tokens: &'a [u32],
+    /// Which logits to return.
+    pub logits: LogitsFor,
+}
+
+/// Errors of a forward call (bad input, never a bug).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ForwardError {
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is out of range (vocabulary size {vocab})")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// A position beyond the model's context.
+    #[error("position {pos} is beyond the model's maximum context ({max})")]
+    PositionOutOfRange {
+        /// The position.
+        pos: usize,
+        /// Positions supported.
+        max: usize,
+    },
+}
+
+/// One parameter: its shape and values in the run dtype, shared so that a partial weight update
+/// can build a new model without copying unchanged tensors.
+#[derive(Debug, Clone)]
+pub struct Param<T: Elem> {
+    /// Shape in PyTorch order.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub data: Arc<Vec<T>>,
+}
+
+/// Indices into the parameter list of one layer's tensors.
+#[derive(Debug, Clone)]
+struct LayerIdx {
+    attn_norm: usize,
+    q: usize,
+    k: usize,
+    v: usize,
+    qkv_bias: Option<[usize; 3]>,
+    o: usize,
+    mlp_norm: usize,
+    gate: usize,
+    up: usize,
+    down: usize,
+}
+
+/// A decoder-only transformer in run dtype `T`.
+#[derive(Clone)]
+pub struct Model<T: Elem> {
+    config: ModelConfig,
+    names: Arc<Vec<String>>,
+    index: Arc<HashMap<String, usize>>,
+    params: Vec<Param<T>>,
+    layers: Arc<Vec<LayerIdx>>,
+    embed: usize,
+    norm: usize,
+    lm_head: usize,
+    rope: Arc<Rope>,
+    kernels: Kernels,
+}
+
+impl<T: Elem> std::fmt::Debug for Model<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("dtype", &T::DTYPE)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<T: Elem> Model<T> {
+    /// Loads and validates every tensor of `source`, converting to `T`.
+    pub fn load(
+        config: ModelConfig,
+        source: &dyn TensorSource,
+        kernels: Kernels,
+    ) -> Result<Model<T>, WeightError> {
+        Self::load_with_progress(config, source, kernels, &mut |_, _| {})
+    }
+
+    /// Like [`Model::load`], calling `progress(done, total)` after each tensor.
+    pub fn load_with_progress(
+        config: ModelConfig,
+        source: &dyn TensorSource,
+        kernels: Kernels,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Model<T>, WeightError> {
+        validate(&config, &source.tensor_infos(), Coverage::Full)?;
+        let specs = expected_tensors(&config);
+        let mut params = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let values = source.read_f32(&spec.name)?;
+            params.push(Param {
+                shape: spec.shape.clone(),
+                data: Arc::new(to_run_dtype::<T>(&spec.name, &values)?),
+            });
+            progress(i + 1, specs.len());
+        }
+        Ok(Self::from_params(config, params, kernels))
+    }
+
+    /// Builds a model from parameters in the order of [`expected_tensors`].
+    pub fn from_params(config: ModelConfig, params: Vec<Param<T>>, kernels: Kernels) -> Model<T> {
+        let names: Vec<String> = expected_tensors(&config).into_iter().map(|t| t.name).collect();
+        assert_eq!(names.len(), params.len(), "parameter count does not match the config");
+        let index: HashMap<String, usize> =
+            names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+        let at = |n: String| index[&n];
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                LayerIdx {
+                    attn_norm: at(format!("{p}.input_layernorm.weight")),
+                    q: at(format!("{p}.self_attn.q_proj.weight")),
+                    k: at(format!("{p}.self_attn.k_proj.weight")),
+                    v: at(format!("{p}.self_attn.v_proj.weight")),
+                    qkv_bias: config.attention_bias.then(|| {
+                        ["q", "k", "v"].map(|x| at(format!("{p}.self_attn.{x}_proj.bias")))
+                    }),
+                    o: at(format!("{p}.self_attn.o_proj.weight")),
+                    mlp_norm: at(format!("{p}.post_attention_layernorm.weight")),
+                    gate: at(format!("{p}.mlp.gate_proj.weight")),
+                    up: at(format!("{p}.mlp.up_proj.weight")),
+                    down: at(format!("{p}.mlp.down_proj.weight")),
+                }
+            })
+            .collect();
+        let embed = at("model.embed_tokens.weight".into());
+        let lm_head = if config.tie_word_embeddings {
+            embed
+        } else {
+            at("lm_head.weight".into())
+        };
+        let rope = Rope::new(
+            config.head_dim,
+            config.rope_theta,
+            config.max_position_embeddings,
+            config.rope_scaling.as_ref(),
+        );
+        Model {
+            norm: at("model.norm.weight".into()),
+            config,
+            names: Arc::new(names),
+            index: Arc::new(index),
+            params,
+            layers: Arc::new(layers),
+            embed,
+            lm_head,
+            rope: Arc::new(rope),
+            kernels,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The kernel context calls run with.
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    /// The same weights run with another kernel context (SIMD level, threads).
+    pub fn with_kernels(&self, kernels: Kernels) -> Model<T> {
+        Model {
+            kernels,
+            ..self.clone()
+        }
+    }
+
+    /// Parameter names in canonical order.
+    pub fn param_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// A parameter by HF name.
+    pub fn param(&self, name: &str) -> Option<&Param<T>> {
+        self.index.get(name).map(|&i| &self.params[i])
+    }
+
+    /// All parameters in canonical order.
+    pub fn params(&self) -> &[Param<T>] {
+        &self.params
+    }
+
+    /// A copy of this model with some parameters replaced (shapes must match).
+    pub fn with_replaced(&self, updates: Vec<(String, Arc<Vec<T>>)>) -> Result<Model<T>, WeightError> {
+        let mut m = self.clone();
+        for (name, data) in updates {
+            let &i = self
+                .index
+                .get(&name)
+                .ok_or_else(|| WeightError::Unexpected(name.clone()))?;
+            let n: usize = m.params[i].shape.iter().product();
+            if data.len() != n {
+                return Err(WeightError::Shape {
+                    name,
+                    expected: m.params[i].shape.clone(),
+                    got: vec![data.len()],
+                });
+            }
+            m.params[i].data = data;
+        }
+        Ok(m)
+    }
+
+    fn w(&self, i: usize) -> &[T] {
+        &self.params[i].data
+    }
+
+    /// Runs the decoder over `spans`, writing each token's K/V to `kv`, and returns f32 logits
+    /// for the positions the spans ask for, rows in span order (`rows × vocab_size`).
+    pub fn forward(
+        &self,
+        spans: &[Span<'_>],
+        kv: &mut dyn KvCache<T>,
+    ) -> Result<Vec<f32>, ForwardError> {
+        let c = &self.config;
+        let kern = &self.kernels;
+        let level = kern.level;
+        let (hd, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let eps = c.rms_norm_eps as f32;
+        // Flatten the spans into token rows, checking input first.
+        let mut tokens = Vec::new();
+        let mut seqs = Vec::new();
+        let mut positions = Vec::new();
+        let mut logit_rows = Vec::new();
+        for s in spans {
+            for (i, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= c.vocab_size {
+                    return Err(ForwardError::TokenOutOfRange {
+                        id: t,
+                        vocab: c.vocab_size,
+                    });
+                }
+                let pos = s.start_pos + i;
+                if pos >= self.rope.max_positions() {
+                    return Err(ForwardError::PositionOutOfRange {
+                        pos,
+                        max: self.rope.max_positions(),
+                    });
+                }
+                let want = match s.logits {
+                    LogitsFor::None => false,
+                    LogitsFor::Last => i + 1 == s.tokens.len(),
+                    LogitsFor::All => true,
+                };
+                if want {
+                    logit_rows.push(tokens.len());
+                }
+                tokens.push(t);
+                seqs.push(s.seq);
+                positions.push(pos);
+            }
+        }
+        let m = tokens.len();
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        let embed = self.w(self.embed);
+        let mut h = vec![0f32; m * hd];
+        for (r, &t) in tokens.iter().enumerate() {
+            let row = &embed[t as usize * hd..(t as usize + 1) * hd];
+            for (d, &e) in h[r * hd..(r + 1) * hd].iter_mut().zip(row) {
+                *d = e.to_f32();
+            }
+        }
+        let mut xn = vec![0f32; m * hd];
+        let mut q = vec![0f32; m * qd];
+        let mut k = vec![0f32; m * kvd];
+        let mut v = vec![0f32; m * kvd];
+        let mut att = vec![0f32; m * qd];
+        let mut o = vec![0f32; m * hd];
+        let mut g = vec![0f32; m * inter];
+        let mut u = vec![0f32; m * inter];
+        let mut kt = vec![T::default(); kvd];
+        let mut vt = vec![T::default(); kvd];
+        let shape = AttentionShape {
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
+        for (li, l) in self.layers.iter().enumerate() {
+            rms_norm(level, &h, self.w(l.attn_norm), eps, &mut xn);
+            let bias = |j: usize| l.qkv_bias.map(|b| self.w(b[j]));
+            matmul(kern, &xn, m, hd, self.w(l.q), qd, bias(0), Output::Round, &mut q);
+            matmul(kern, &xn, m, hd, self.w(l.k), kvd, bias(1), Output::Round, &mut k);
+            matmul(kern, &xn, m, hd, self.w(l.v), kvd, bias(2), Output::Round, &mut v);
+            for r in 0..m {
+                self.rope.apply::<T>(&mut q[r * qd..(r + 1) * qd], positions[r]);
+                self.rope.apply::<T>(&mut k[r * kvd..(r + 1) * kvd], positions[r]);
+                for (dst, &x) in kt.iter_mut().zip(&k[r * kvd..(r + 1) * kvd]) {
+                    *dst = T::from_f32(x);
+                }
+                for (dst, &x) in vt.iter_mut().zip(&v[r * kvd..(r + 1) * kvd]) {
+                    *dst = T::from_f32(x);
+                }
+                kv.write(li, seqs[r], positions[r], &kt, &vt);
+            }
+            attention::<T>(kern, shape, li, &q, &seqs, &positions, &*kv, &mut att);
+            matmul(kern, &att, m, qd, self.w(l.o), hd, None, Output::Round, &mut o);
+            add_round::<T>(&mut h, &o);
+            rms_norm(level, &h, self.w(l.mlp_norm), eps, &mut xn);
+            matmul(kern, &xn, m, hd, self.w(l.gate), inter, None, Output::Round, &mut g);
+            matmul(kern, &xn, m, hd, self.w(l.up), inter, None, Output::Round, &mut u);
+            // As PyTorch in the run dtype: act(gate) is rounded, then the product.
+            for (gv, &uv) in g.iter_mut().zip(&u) {
+                *gv = T::round(T::round(silu(*gv)) * uv);
+            }
+            matmul(kern, &g, m, inter, self.w(l.down), hd, None, Output::Round, &mut o);
+            add_round::<T>(&mut h, &o);
+        }
+        let n = logit_rows.len();
+        let mut sel = vec![0f32; n * hd];
+        for (i, &r) in logit_rows.iter().enumerate() {
+            sel[i * hd..(i + 1) * hd].copy_from_slice(&h[r * hd..(r + 1) * hd]);
+        }
+        let mut normed = vec![0f32; n * hd];
+        rms_norm(level, &sel, self.w(self.norm), eps, &mut normed);
+        let vocab = c.vocab_size;
+        let mut logits = vec![0f32; n * vocab];
+        matmul(
+            kern,
+            &normed,
+            n,
+            hd,
+            self.w(self.lm_head),
+            vocab,
+            None,
+            Output::F32,
+            &mut logits,
+        );
+        Ok(logits)
+    }
+}
+
+/// h = round(h + x), the residual add.
+fn add_round<T: Elem>(h: &mut [f32], x: &[f32]) {
+    for (a, &b) in h.iter_mut().zip(x) {
+        *a += b;
+    }
+    round_slice::<T>(h);
+}
+
+/// Rounds a tensor's f32 values to `T`, rejecting values that are or become non-finite.
+pub fn to_run_dtype<T: Elem>(name: &str, values: &[f32]) -> Result<Vec<T>, WeightError> {
+    let mut out = Vec::with_capacity(values.len());
+    for (i, &x) in values.iter().enumerate() {
+        let t = T::from_f32(x);
+        if !t.to_f32().is_finite() {
+            return Err(WeightError::NonFinite {
+                name: name.to_string(),
+                index: i,
+            });
+        }
+        out.push(t);
+    }
+    Ok(out)
+}

@@ -1,0 +1,145 @@
+//! Compute kernels shared by the server and the trainer.
+//!
+//! Every kernel accumulates in f32 with a reduction order fixed per output element (see
+//! numerics.md): results never depend on batch size, thread count, K/V layout or SIMD level.
+
+pub mod attention;
+pub mod dot;
+pub mod gemm;
+pub mod math;
+pub mod norm;
+pub mod pool;
+pub mod rope;
+pub mod softmax;
+
+use std::sync::{Arc, OnceLock};
+
+pub use pool::ThreadPool;
+
+/// The instruction-set level a kernel call runs at. All levels compute the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimdLevel {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 (F, BW, VL) + FMA + F16C.
+    Avx512,
+}
+
+impl SimdLevel {
+    /// The best level this CPU supports.
+    pub fn detect() -> SimdLevel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl");
+            if avx512 {
+                return SimdLevel::Avx512;
+            }
+            if avx2 {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    }
+
+    /// Every level this CPU can run, lowest first (what parity tests iterate over).
+    pub fn available() -> Vec<SimdLevel> {
+        let best = Self::detect();
+        [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512]
+            .into_iter()
+            .filter(|l| *l <= best)
+            .collect()
+    }
+
+    /// Parses `portable`, `avx2` or `avx512`.
+    pub fn parse(s: &str) -> Option<SimdLevel> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "portable" | "scalar" => Some(SimdLevel::Portable),
+            "avx2" => Some(SimdLevel::Avx2),
+            "avx512" | "avx-512" => Some(SimdLevel::Avx512),
+            _ => None,
+        }
+    }
+
+    /// The level to use by default: `HALFSTEP_SIMD` if set (capped at what the CPU has), else
+    /// the best detected.
+    pub fn from_env() -> SimdLevel {
+        let best = Self::detect();
+        match std::env::var("HALFSTEP_SIMD").ok().as_deref().and_then(Self::parse) {
+            Some(l) => l.min(best),
+            None => best,
+        }
+    }
+}
+
+/// The execution context of kernel calls: SIMD level and worker pool.
+#[derive(Clone)]
+pub struct Kernels {
+    /// Instruction-set level.
+    pub level: SimdLevel,
+    /// Workers that split output columns/rows.
+    pub pool: Arc<ThreadPool>,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernels")
+            .field("level", &self.level)
+            .field("threads", &self.pool.threads())
+            .finish()
+    }
+}
+
+impl Kernels {
+    /// A context with an explicit level and pool.
+    pub fn new(level: SimdLevel, pool: Arc<ThreadPool>) -> Kernels {
+        Kernels { level, pool }
+    }
+
+    /// A context with a new pool of `threads` workers (including the caller).
+    pub fn with_threads(level: SimdLevel, threads: usize) -> Kernels {
+        Kernels::new(level, Arc::new(ThreadPool::new(threads)))
+    }
+
+    /// The process-wide default: level from `HALFSTEP_SIMD`, threads from
+    /// `HALFSTEP_NUM_THREADS` or the number of cores.
+    pub fn global() -> Kernels {
+        static POOL: OnceLock<Arc<ThreadPool>> = OnceLock::new();
+        let pool = POOL.get_or_init(|| Arc::new(ThreadPool::new(default_threads())));
+        Kernels::new(SimdLevel::from_env(), pool.clone())
+    }
+}
+
+/// Threads to use by default: `HALFSTEP_NUM_THREADS`, else the available cores.
+pub fn default_threads() -> usize {
+    std::env::var("HALFSTEP_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+/// Splits `n` items into `parts` contiguous ranges whose starts are multiples of `align`.
+pub(crate) fn split_range(n: usize, parts: usize, align: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.max(1);
+    let units = n.div_ceil(align);
+    let per = units.div_ceil(parts);
+    (0..parts)
+        .map(|p| {
+            let s = (p * per * align).min(n);
+            let e = ((p + 1) * per * align).min(n);
+            s..e
+        })
+        .collect()
+}

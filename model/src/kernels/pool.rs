@@ -1,0 +1,192 @@
+//! A persistent worker pool for kernel calls.
+//!
+//! Decode runs hundreds of small matrix products per token; spawning or waking tasks per call
+//! costs more than the work. Workers spin briefly on an epoch counter between calls and then
+//! park on a condition variable, so a busy neighbour process slows us down gracefully instead of
+//! starving spinning threads.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before parking.
+const SPIN: Duration = Duration::from_micros(200);
+
+type Job = *const (dyn Fn(usize) + Sync);
+
+struct JobSlot(Option<Job>);
+// SAFETY: the pointer is only dereferenced while `run` keeps the closure alive (see `run`).
+unsafe impl Send for JobSlot {}
+
+struct Shared {
+    epoch: AtomicU64,
+    pending: AtomicUsize,
+    shutdown: AtomicBool,
+    job: Mutex<JobSlot>,
+    sleepers: Mutex<usize>,
+    wake: Condvar,
+}
+
+/// A fixed set of worker threads; `run(f)` calls `f(t)` once for each thread index `t`.
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    threads: usize,
+    // Serialises callers: one `run` at a time owns the workers.
+    run_lock: Mutex<()>,
+}
+
+impl ThreadPool {
+    /// A pool where the caller plus `threads - 1` workers share each call.
+    pub fn new(threads: usize) -> ThreadPool {
+        let threads = threads.max(1);
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            job: Mutex::new(JobSlot(None)),
+            sleepers: Mutex::new(0),
+            wake: Condvar::new(),
+        });
+        let workers = (1..threads)
+            .map(|idx| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("halfstep-kernel-{idx}"))
+                    .spawn(move || worker_loop(shared, idx))
+                    .expect("spawning a kernel worker thread")
+            })
+            .collect();
+        ThreadPool {
+            shared,
+            workers,
+            threads,
+            run_lock: Mutex::new(()),
+        }
+    }
+
+    /// Number of threads a call is split over (caller included).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Calls `f(t)` for every `t` in `0..threads()` in parallel and returns when all are done.
+    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        if self.threads == 1 {
+            f(0);
+            return;
+        }
+        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: erase the lifetime; workers only use the pointer before `pending` reaches 0,
+        // and we do not return (or unwind) before that.
+        let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
+        self.shared.job.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(job);
+        self.shared
+            .pending
+            .store(self.threads - 1, Ordering::Release);
+        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        {
+            let sleepers = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            if *sleepers > 0 {
+                self.shared.wake.notify_all();
+            }
+        }
+        let caller = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
+        let mut spins = 0u32;
+        while self.shared.pending.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < 1 << 16 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        self.shared.job.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
+        if let Err(p) = caller {
+            std::panic::resume_unwind(p);
+        }
+    }
+}
+
+fn worker_loop(shared: Arc<Shared>, idx: usize) {
+    let mut seen = 0u64;
+    loop {
+        let start = Instant::now();
+        let mut epoch = shared.epoch.load(Ordering::Acquire);
+        while epoch == seen {
+            if shared.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            if start.elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                let mut sleepers = shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+                *sleepers += 1;
+                while shared.epoch.load(Ordering::Acquire) == seen
+                    && !shared.shutdown.load(Ordering::Acquire)
+                {
+                    sleepers = shared
+                        .wake
+                        .wait(sleepers)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                *sleepers -= 1;
+            }
+            epoch = shared.epoch.load(Ordering::Acquire);
+        }
+        seen = epoch;
+        if shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let job = shared.job.lock().unwrap_or_else(|e| e.into_inner()).0;
+        if let Some(job) = job {
+            // SAFETY: `run` keeps the closure alive until `pending` reaches zero.
+            let f = unsafe { &*job };
+            // A panicking kernel must not leave the caller waiting forever.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(idx)));
+        }
+        shared.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        {
+            let _s = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_calls_every_thread_index_once() {
+        let pool = ThreadPool::new(3);
+        for _ in 0..1000 {
+            let hits: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(&|t| {
+                hits[t].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn workers_wake_after_parking() {
+        let pool = ThreadPool::new(2);
+        std::thread::sleep(Duration::from_millis(5));
+        let n = AtomicUsize::new(0);
+        pool.run(&|_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 2);
+    }
+}

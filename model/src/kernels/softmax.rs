@@ -1,0 +1,36 @@
+//! Softmax and log-softmax over f32 rows, in a fixed order.
+
+use super::math::{exp, ln};
+
+/// Largest value of a row (NaN-free input assumed; NaN compares as smaller).
+#[inline]
+pub fn max(row: &[f32]) -> f32 {
+    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// log p_i = x_i − max − ln Σ_j exp(x_j − max), summed in index order.
+pub fn log_softmax(row: &[f32], out: &mut [f32]) {
+    assert_eq!(row.len(), out.len());
+    let m = max(row);
+    let mut sum = 0f32;
+    for &x in row {
+        sum += exp(x - m);
+    }
+    let ln_sum = ln(sum);
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = (x - m) - ln_sum;
+    }
+}
+
+/// Softmax in place: p_i = exp(x_i − max) / Σ_j exp(x_j − max), summed in index order.
+pub fn softmax_in_place(row: &mut [f32]) {
+    let m = max(row);
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = exp(*x - m);
+        sum += *x;
+    }
+    for x in row.iter_mut() {
+        *x /= sum;
+    }
+}

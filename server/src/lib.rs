@@ -1,0 +1,1 @@
+//! halfstep-server: the inference server (engine, HTTP API, metrics, weight hot-swap).

@@ -1,0 +1,1 @@
+//! halfstep-trainer: typed client, trainer and RL loop.

@@ -183,7 +183,11 @@ impl ModelConfig {
             .and_then(|s| s.parse::<DType>().ok());
         let eos_token_ids = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
             _ => Vec::new(),
         };
         let cfg = ModelConfig {
@@ -211,7 +215,10 @@ impl ModelConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(architecture == Architecture::Qwen2),
             torch_dtype: dtype,
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
             eos_token_ids,
         };
         cfg.check()?;
@@ -226,21 +233,29 @@ impl ModelConfig {
         }
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return bad(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim ({}) must be even and positive", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim ({}) must be even and positive",
+                self.head_dim
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope_theta ({}) must be positive", self.rope_theta));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return bad(format!("rms_norm_eps ({}) must be non-negative", self.rms_norm_eps));
+            return bad(format!(
+                "rms_norm_eps ({}) must be non-negative",
+                self.rms_norm_eps
+            ));
         }
         if self.max_position_embeddings == 0 || self.max_position_embeddings > 1 << 20 {
             return bad(format!(
@@ -282,7 +297,11 @@ fn parse_rope_scaling(rope: Option<&Value>) -> Result<Option<RopeScaling>, Confi
     match kind {
         "default" => Ok(None),
         "llama3" => {
-            let f = |k: &'static str| r.get(k).and_then(Value::as_f64).ok_or(ConfigError::Missing(k));
+            let f = |k: &'static str| {
+                r.get(k)
+                    .and_then(Value::as_f64)
+                    .ok_or(ConfigError::Missing(k))
+            };
             Ok(Some(RopeScaling {
                 factor: f("factor")?,
                 high_freq_factor: f("high_freq_factor")?,
@@ -310,7 +329,10 @@ mod tests {
     fn reads_llama_config_with_gqa_and_tied_embeddings() {
         let c = ModelConfig::from_json_str(SMOLLM2).unwrap();
         assert_eq!(c.architecture, Architecture::Llama);
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (9, 3, 64)
+        );
         assert!(c.tie_word_embeddings);
         assert_eq!(c.rope_theta, 100000.0);
         assert_eq!(c.torch_dtype, Some(DType::Bfloat16));
@@ -321,7 +343,10 @@ mod tests {
     #[test]
     fn reads_rope_parameters_and_dtype_of_new_transformers() {
         let text = SMOLLM2
-            .replace(r#""rope_theta":100000,"#, r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"},"#)
+            .replace(
+                r#""rope_theta":100000,"#,
+                r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"},"#,
+            )
             .replace("torch_dtype", "dtype");
         let c = ModelConfig::from_json_str(&text).unwrap();
         assert_eq!(c.rope_theta, 500000.0);
@@ -333,7 +358,10 @@ mod tests {
         let q = SMOLLM2.replace("LlamaForCausalLM", "Qwen2ForCausalLM");
         assert!(ModelConfig::from_json_str(&q).unwrap().attention_bias);
         let m = SMOLLM2.replace("LlamaForCausalLM", "MistralForCausalLM");
-        assert_eq!(ModelConfig::from_json_str(&m).unwrap().architecture, Architecture::Mistral);
+        assert_eq!(
+            ModelConfig::from_json_str(&m).unwrap().architecture,
+            Architecture::Mistral
+        );
     }
 
     #[test]

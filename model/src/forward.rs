@@ -140,10 +140,20 @@ impl<T: Elem> Model<T> {
 
     /// Builds a model from parameters in the order of [`expected_tensors`].
     pub fn from_params(config: ModelConfig, params: Vec<Param<T>>, kernels: Kernels) -> Model<T> {
-        let names: Vec<String> = expected_tensors(&config).into_iter().map(|t| t.name).collect();
-        assert_eq!(names.len(), params.len(), "parameter count does not match the config");
-        let index: HashMap<String, usize> =
-            names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+        let names: Vec<String> = expected_tensors(&config)
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(
+            names.len(),
+            params.len(),
+            "parameter count does not match the config"
+        );
+        let index: HashMap<String, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
         let at = |n: String| index[&n];
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
@@ -224,7 +234,10 @@ impl<T: Elem> Model<T> {
     }
 
     /// A copy of this model with some parameters replaced (shapes must match).
-    pub fn with_replaced(&self, updates: Vec<(String, Arc<Vec<T>>)>) -> Result<Model<T>, WeightError> {
+    pub fn with_replaced(
+        &self,
+        updates: Vec<(String, Arc<Vec<T>>)>,
+    ) -> Result<Model<T>, WeightError> {
         let mut m = self.clone();
         for (name, data) in updates {
             let &i = self
@@ -323,12 +336,44 @@ impl<T: Elem> Model<T> {
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(level, &h, self.w(l.attn_norm), eps, &mut xn);
             let bias = |j: usize| l.qkv_bias.map(|b| self.w(b[j]));
-            matmul(kern, &xn, m, hd, self.w(l.q), qd, bias(0), Output::Round, &mut q);
-            matmul(kern, &xn, m, hd, self.w(l.k), kvd, bias(1), Output::Round, &mut k);
-            matmul(kern, &xn, m, hd, self.w(l.v), kvd, bias(2), Output::Round, &mut v);
+            matmul(
+                kern,
+                &xn,
+                m,
+                hd,
+                self.w(l.q),
+                qd,
+                bias(0),
+                Output::Round,
+                &mut q,
+            );
+            matmul(
+                kern,
+                &xn,
+                m,
+                hd,
+                self.w(l.k),
+                kvd,
+                bias(1),
+                Output::Round,
+                &mut k,
+            );
+            matmul(
+                kern,
+                &xn,
+                m,
+                hd,
+                self.w(l.v),
+                kvd,
+                bias(2),
+                Output::Round,
+                &mut v,
+            );
             for r in 0..m {
-                self.rope.apply::<T>(&mut q[r * qd..(r + 1) * qd], positions[r]);
-                self.rope.apply::<T>(&mut k[r * kvd..(r + 1) * kvd], positions[r]);
+                self.rope
+                    .apply::<T>(&mut q[r * qd..(r + 1) * qd], positions[r]);
+                self.rope
+                    .apply::<T>(&mut k[r * kvd..(r + 1) * kvd], positions[r]);
                 for (dst, &x) in kt.iter_mut().zip(&k[r * kvd..(r + 1) * kvd]) {
                     *dst = T::from_f32(x);
                 }
@@ -338,16 +383,56 @@ impl<T: Elem> Model<T> {
                 kv.write(li, seqs[r], positions[r], &kt, &vt);
             }
             attention::<T>(kern, shape, li, &q, &seqs, &positions, &*kv, &mut att);
-            matmul(kern, &att, m, qd, self.w(l.o), hd, None, Output::Round, &mut o);
+            matmul(
+                kern,
+                &att,
+                m,
+                qd,
+                self.w(l.o),
+                hd,
+                None,
+                Output::Round,
+                &mut o,
+            );
             add_round::<T>(&mut h, &o);
             rms_norm(level, &h, self.w(l.mlp_norm), eps, &mut xn);
-            matmul(kern, &xn, m, hd, self.w(l.gate), inter, None, Output::Round, &mut g);
-            matmul(kern, &xn, m, hd, self.w(l.up), inter, None, Output::Round, &mut u);
+            matmul(
+                kern,
+                &xn,
+                m,
+                hd,
+                self.w(l.gate),
+                inter,
+                None,
+                Output::Round,
+                &mut g,
+            );
+            matmul(
+                kern,
+                &xn,
+                m,
+                hd,
+                self.w(l.up),
+                inter,
+                None,
+                Output::Round,
+                &mut u,
+            );
             // As PyTorch in the run dtype: act(gate) is rounded, then the product.
             for (gv, &uv) in g.iter_mut().zip(&u) {
                 *gv = T::round(T::round(silu(*gv)) * uv);
             }
-            matmul(kern, &g, m, inter, self.w(l.down), hd, None, Output::Round, &mut o);
+            matmul(
+                kern,
+                &g,
+                m,
+                inter,
+                self.w(l.down),
+                hd,
+                None,
+                Output::Round,
+                &mut o,
+            );
             add_round::<T>(&mut h, &o);
         }
         let n = logit_rows.len();

@@ -5,6 +5,9 @@
 
 use crate::dtype::Elem;
 
+/// Receives runs of consecutive positions: `(first_position, keys, values)`.
+pub type KvVisitor<'a, T> = dyn FnMut(usize, &[T], &[T]) + 'a;
+
 /// Storage of per-layer keys and values of sequences, in the run dtype.
 ///
 /// Rows are `kv_dim = n_kv_heads · head_dim` wide; `seq` is the store's own sequence handle.
@@ -13,7 +16,7 @@ pub trait KvCache<T: Elem>: Sync {
     fn write(&mut self, layer: usize, seq: usize, pos: usize, k: &[T], v: &[T]);
     /// Visits positions `0..len` of `seq` in `layer` in order, as runs of consecutive
     /// positions: `f(first_position, keys, values)` with `keys`/`values` = positions × kv_dim.
-    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut dyn FnMut(usize, &[T], &[T]));
+    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, T>);
 }
 
 /// One growable buffer per sequence and layer.
@@ -67,7 +70,10 @@ impl<T: Elem> KvCache<T> for ContiguousKv<T> {
         let d = self.kv_dim;
         let (keys, values) = &mut self.seqs[seq][layer];
         let len = keys.len() / d;
-        assert!(pos <= len, "kv write at position {pos} past the end ({len})");
+        assert!(
+            pos <= len,
+            "kv write at position {pos} past the end ({len})"
+        );
         if pos == len {
             keys.extend_from_slice(k);
             values.extend_from_slice(v);
@@ -77,7 +83,7 @@ impl<T: Elem> KvCache<T> for ContiguousKv<T> {
         }
     }
 
-    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut dyn FnMut(usize, &[T], &[T])) {
+    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, T>) {
         let d = self.kv_dim;
         let (keys, values) = &self.seqs[seq][layer];
         f(0, &keys[..len * d], &values[..len * d]);
@@ -122,8 +128,10 @@ impl<T: Elem> KvCache<T> for PagedKv<T> {
         let (b, off) = (pos / self.block_size, pos % self.block_size);
         while self.tables[seq].len() <= b {
             let cap = self.block_size * self.kv_dim;
-            self.blocks
-                .push(vec![(vec![T::default(); cap], vec![T::default(); cap]); self.layers]);
+            self.blocks.push(vec![
+                (vec![T::default(); cap], vec![T::default(); cap]);
+                self.layers
+            ]);
             let id = self.blocks.len() - 1;
             self.tables[seq].push(id);
         }
@@ -133,7 +141,7 @@ impl<T: Elem> KvCache<T> for PagedKv<T> {
         values[off * d..(off + 1) * d].copy_from_slice(v);
     }
 
-    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut dyn FnMut(usize, &[T], &[T])) {
+    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, T>) {
         let d = self.kv_dim;
         let mut p = 0;
         for &b in &self.tables[seq] {

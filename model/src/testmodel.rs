@@ -145,7 +145,10 @@ impl TinyModelSpec {
             "eos_token_id": 2, "hidden_act": "silu"
         });
         write_json(&dir.join("config.json"), &config)?;
-        write_json(&dir.join("generation_config.json"), &json!({"eos_token_id": 2}))?;
+        write_json(
+            &dir.join("generation_config.json"),
+            &json!({"eos_token_id": 2}),
+        )?;
         write_json(&dir.join("tokenizer.json"), &byte_level_tokenizer_json())?;
         write_json(
             &dir.join("tokenizer_config.json"),
@@ -204,7 +207,8 @@ pub fn write_safetensors(
             Ok((n.clone(), view))
         })
         .collect::<std::io::Result<_>>()?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| std::io::Error::other(e.to_string()))
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// GPT-2's byte → printable character table used by byte-level BPE.

@@ -55,7 +55,9 @@ fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
         message: e,
     };
     let text = std::fs::read_to_string(path).map_err(|e| io(e.to_string()))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| io(e.to_string()))
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| io(e.to_string()))
 }
 
 /// A special token given either as a string or as `{"content": ...}` (tokenizer_config.json).
@@ -101,9 +103,11 @@ impl Tokenizer {
         let ids = |v: Option<&Value>| -> Vec<u32> {
             match v {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => {
-                    a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect()
-                }
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(|x| x as u32)
+                    .collect(),
                 _ => Vec::new(),
             }
         };
@@ -221,7 +225,10 @@ impl Tokenizer {
             .parse()
             .map_err(|e: tokenizers::Error| TokenizerError::Invalid(e.to_string()))?;
         let id = |k: &str| g.get(k).and_then(GgufValue::as_u64).map(|v| v as u32);
-        let tok = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
+        let tok = |i: Option<u32>| {
+            i.and_then(|i| tokens.get(i as usize))
+                .map(|s| s.to_string())
+        };
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
         Ok(Tokenizer {
@@ -248,7 +255,11 @@ impl Tokenizer {
             .map_err(|e| TokenizerError::Invalid(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special_tokens && self.add_bos {
-            if let Some(b) = self.bos_token.as_deref().and_then(|t| self.inner.token_to_id(t)) {
+            if let Some(b) = self
+                .bos_token
+                .as_deref()
+                .and_then(|t| self.inner.token_to_id(t))
+            {
                 ids.push(b);
             }
         }
@@ -325,8 +336,14 @@ impl Tokenizer {
         }
         ctx.insert("messages".into(), messages.clone());
         ctx.insert("add_generation_prompt".into(), json!(add_generation_prompt));
-        ctx.insert("bos_token".into(), json!(self.bos_token.clone().unwrap_or_default()));
-        ctx.insert("eos_token".into(), json!(self.eos_token.clone().unwrap_or_default()));
+        ctx.insert(
+            "bos_token".into(),
+            json!(self.bos_token.clone().unwrap_or_default()),
+        );
+        ctx.insert(
+            "eos_token".into(),
+            json!(self.eos_token.clone().unwrap_or_default()),
+        );
         tmpl.render(minijinja::Value::from_serialize(&ctx))
             .map_err(|e| TokenizerError::Template(e.to_string()))
     }

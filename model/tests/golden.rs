@@ -14,7 +14,11 @@ fn golden() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Logits at every position of `tokens` (one forward over the whole sequence).
@@ -55,12 +59,17 @@ fn compare<T: Elem>(m: &Model<T>, g: &Value, margin: f32) -> Comparison {
             let top = top.as_array().unwrap();
             let scale = top[0][1].as_f64().unwrap().abs() as f32;
             for e in top {
-                let (id, want) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap() as f32);
+                let (id, want) = (
+                    e[0].as_u64().unwrap() as usize,
+                    e[1].as_f64().unwrap() as f32,
+                );
                 let err = (row[id] - want).abs();
                 c.max_abs = c.max_abs.max(err);
                 c.max_rel = c.max_rel.max(err / scale);
             }
-            let ours = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+            let ours = (0..vocab)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap();
             let want = top[0][0].as_u64().unwrap() as usize;
             if ours != want {
                 let gap = top[0][1].as_f64().unwrap() - top[1][1].as_f64().unwrap();
@@ -85,10 +94,18 @@ fn load<T: Elem>() -> Option<Model<T>> {
 fn f32_forward_matches_transformers_logits() {
     let Some(m) = load::<f32>() else { return };
     let c = compare(&m, &golden(), 0.0);
-    eprintln!("f32 vs transformers: max_abs {} max_rel {}", c.max_abs, c.max_rel);
+    eprintln!(
+        "f32 vs transformers: max_abs {} max_rel {}",
+        c.max_abs, c.max_rel
+    );
     // Same weights and math in the same precision; only summation order and exp/sqrt
     // implementations differ, which moves a ~25-magnitude logit by a few 1e-5.
-    assert!(c.max_rel <= 1e-4, "max relative error {} (max abs {})", c.max_rel, c.max_abs);
+    assert!(
+        c.max_rel <= 1e-4,
+        "max relative error {} (max abs {})",
+        c.max_rel,
+        c.max_abs
+    );
     assert!(c.top1_mismatches.is_empty() && c.small_margin_mismatches == 0);
 }
 
@@ -104,8 +121,17 @@ fn f16_forward_is_close_to_transformers_f32_logits() {
     // layers; those errors compound through the residual stream to a few tenths on logits of
     // magnitude ~25 (≈ 1-2 % relative). The top-1 may only differ where the reference's top-2
     // gap is within that error.
-    assert!(c.max_rel <= 0.03, "max relative error {} (max abs {})", c.max_rel, c.max_abs);
-    assert!(c.top1_mismatches.is_empty(), "top-1 differs at {:?}", c.top1_mismatches);
+    assert!(
+        c.max_rel <= 0.03,
+        "max relative error {} (max abs {})",
+        c.max_rel,
+        c.max_abs
+    );
+    assert!(
+        c.top1_mismatches.is_empty(),
+        "top-1 differs at {:?}",
+        c.top1_mismatches
+    );
 }
 
 fn tokenizer() -> Option<Tokenizer> {
@@ -125,7 +151,10 @@ fn tokenizer_matches_transformers_ids_and_round_trips() {
         assert_eq!(t.decode(&ids(&p["ids"]), false).unwrap(), text);
     }
     let d = &g["digits"];
-    assert_eq!(t.encode(d["text"].as_str().unwrap(), false).unwrap(), ids(&d["ids"]));
+    assert_eq!(
+        t.encode(d["text"].as_str().unwrap(), false).unwrap(),
+        ids(&d["ids"])
+    );
     assert_eq!(t.eos_token_ids(), &[2]);
 }
 
@@ -134,24 +163,46 @@ fn chat_template_renders_like_transformers() {
     let Some(t) = tokenizer() else { return };
     let g = golden();
     let chat = &g["chat"];
-    let rendered = t.apply_chat_template(&chat["messages"], true, None).unwrap();
+    let rendered = t
+        .apply_chat_template(&chat["messages"], true, None)
+        .unwrap();
     assert_eq!(rendered, chat["rendered"].as_str().unwrap());
     assert_eq!(t.encode(&rendered, false).unwrap(), ids(&chat["ids"]));
 }
 
 #[test]
 fn gguf_config_matches_transformers_config() {
-    let Some(path) = common::default_model() else { return };
+    let Some(path) = common::default_model() else {
+        return;
+    };
     let c = Checkpoint::open(&path).unwrap().config;
     let g = golden();
     let gc = &g["config"];
     assert_eq!(c.hidden_size as u64, gc["hidden_size"].as_u64().unwrap());
-    assert_eq!(c.intermediate_size as u64, gc["intermediate_size"].as_u64().unwrap());
-    assert_eq!(c.num_hidden_layers as u64, gc["num_hidden_layers"].as_u64().unwrap());
-    assert_eq!(c.num_attention_heads as u64, gc["num_attention_heads"].as_u64().unwrap());
-    assert_eq!(c.num_key_value_heads as u64, gc["num_key_value_heads"].as_u64().unwrap());
+    assert_eq!(
+        c.intermediate_size as u64,
+        gc["intermediate_size"].as_u64().unwrap()
+    );
+    assert_eq!(
+        c.num_hidden_layers as u64,
+        gc["num_hidden_layers"].as_u64().unwrap()
+    );
+    assert_eq!(
+        c.num_attention_heads as u64,
+        gc["num_attention_heads"].as_u64().unwrap()
+    );
+    assert_eq!(
+        c.num_key_value_heads as u64,
+        gc["num_key_value_heads"].as_u64().unwrap()
+    );
     assert_eq!(c.vocab_size as u64, gc["vocab_size"].as_u64().unwrap());
-    assert_eq!(c.rms_norm_eps as f32, gc["rms_norm_eps"].as_f64().unwrap() as f32);
-    assert_eq!(c.rope_theta, gc["rope_parameters"]["rope_theta"].as_f64().unwrap());
+    assert_eq!(
+        c.rms_norm_eps as f32,
+        gc["rms_norm_eps"].as_f64().unwrap() as f32
+    );
+    assert_eq!(
+        c.rope_theta,
+        gc["rope_parameters"]["rope_theta"].as_f64().unwrap()
+    );
     assert!(c.tie_word_embeddings);
 }

@@ -27,6 +27,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    // A method call makes closures capture the whole wrapper (Sync), not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Attention for a batch of query tokens; token `i` belongs to sequence `seqs[i]` at position
 /// `positions[i]` and attends to positions `0..=positions[i]` of that sequence in `layer`.
 /// `q` is tokens × (n_heads·head_dim); `out` has the same shape.
@@ -53,13 +60,16 @@ pub fn attention<T: Elem>(
     assert_eq!(positions.len(), n_tok);
     let pairs = n_tok * n_heads;
     let work: usize = positions.iter().map(|p| p + 1).sum::<usize>() * n_heads * head_dim;
-    let threads = if work < 1 << 14 { 1 } else { kern.pool.threads() };
+    let threads = if work < 1 << 14 {
+        1
+    } else {
+        kern.pool.threads()
+    };
     let ranges = split_range(pairs, threads, 1);
     let op = OutPtr(out.as_mut_ptr());
     let level = kern.level;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let job = |t: usize| {
-        let op = op;
         let mut scores = Vec::new();
         let mut acc = vec![0f32; head_dim];
         for pair in ranges[t].clone() {
@@ -81,7 +91,7 @@ pub fn attention<T: Elem>(
             );
             // SAFETY: pair (i, h) owns this slice of `out`.
             let dst = unsafe {
-                std::slice::from_raw_parts_mut(op.0.add(i * q_dim + h * head_dim), head_dim)
+                std::slice::from_raw_parts_mut(op.get().add(i * q_dim + h * head_dim), head_dim)
             };
             for (d, &a) in dst.iter_mut().zip(&acc) {
                 *d = T::round(a);

@@ -136,7 +136,11 @@ pub(crate) mod x86 {
         }
         if full < k {
             let (xb, wb) = pad_tail(x, w, full);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(wb.as_ptr()), acc);
+            acc = _mm512_fmadd_ps(
+                _mm512_loadu_ps(xb.as_ptr()),
+                _mm512_loadu_ps(wb.as_ptr()),
+                acc,
+            );
         }
         hsum512(acc)
     }
@@ -157,7 +161,11 @@ pub(crate) mod x86 {
         }
         if full < k {
             let (xb, wb) = pad_tail(x, w, full);
-            lo = _mm256_fmadd_ps(_mm256_loadu_ps(xb.as_ptr()), _mm256_loadu_ps(wb.as_ptr()), lo);
+            lo = _mm256_fmadd_ps(
+                _mm256_loadu_ps(xb.as_ptr()),
+                _mm256_loadu_ps(wb.as_ptr()),
+                lo,
+            );
             hi = _mm256_fmadd_ps(
                 _mm256_loadu_ps(xb.as_ptr().add(8)),
                 _mm256_loadu_ps(wb.as_ptr().add(8)),

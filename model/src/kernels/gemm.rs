@@ -28,6 +28,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    // A method call makes closures capture the whole wrapper (Sync), not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `out[r, j] = Σ_k x[r, k] · w[j, k] (+ bias[j])` for `m` rows, `k` inputs, `n` outputs.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Elem>(
@@ -41,16 +48,40 @@ pub fn matmul<T: Elem>(
     mode: Output,
     out: &mut [f32],
 ) {
-    assert_eq!(x.len(), m * k, "matmul: x has {} values, expected {m}x{k}", x.len());
-    assert_eq!(w.len(), n * k, "matmul: w has {} values, expected {n}x{k}", w.len());
-    assert_eq!(out.len(), m * n, "matmul: out has {} values, expected {m}x{n}", out.len());
+    assert_eq!(
+        x.len(),
+        m * k,
+        "matmul: x has {} values, expected {m}x{k}",
+        x.len()
+    );
+    assert_eq!(
+        w.len(),
+        n * k,
+        "matmul: w has {} values, expected {n}x{k}",
+        w.len()
+    );
+    assert_eq!(
+        out.len(),
+        m * n,
+        "matmul: out has {} values, expected {m}x{n}",
+        out.len()
+    );
     if let Some(b) = bias {
-        assert_eq!(b.len(), n, "matmul: bias has {} values, expected {n}", b.len());
+        assert_eq!(
+            b.len(),
+            n,
+            "matmul: bias has {} values, expected {n}",
+            b.len()
+        );
     }
     if m == 0 || n == 0 {
         return;
     }
-    let threads = if m * n * k < PARALLEL_MIN_WORK { 1 } else { kern.pool.threads() };
+    let threads = if m * n * k < PARALLEL_MIN_WORK {
+        1
+    } else {
+        kern.pool.threads()
+    };
     let ranges = split_range(n, threads, 8);
     let op = OutPtr(out.as_mut_ptr());
     let level = kern.level;
@@ -59,9 +90,8 @@ pub fn matmul<T: Elem>(
         if cols.is_empty() {
             return;
         }
-        let op = op;
         // SAFETY: each thread writes only columns `cols` of every row.
-        unsafe { matmul_cols(level, x, m, k, w, n, bias, mode, op.0, cols) };
+        unsafe { matmul_cols(level, x, m, k, w, n, bias, mode, op.get(), cols) };
     };
     if threads == 1 {
         job(0);
@@ -116,9 +146,11 @@ unsafe fn matmul_cols<T: Elem>(
 }
 
 #[cfg(target_arch = "x86_64")]
+// Register tiles index accumulators by (row, column); iterator chains would hide that.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
-    use super::super::dot::x86::{hsum256_pair, hsum512, load16_512, load8_256};
     use super::super::dot::pad_tail;
+    use super::super::dot::x86::{hsum256_pair, hsum512, load16_512, load8_256};
     use super::*;
     use std::arch::x86_64::*;
 

@@ -4,6 +4,7 @@
 //! numerics.md): results never depend on batch size, thread count, K/V layout or SIMD level.
 
 pub mod attention;
+pub mod bandwidth;
 pub mod dot;
 pub mod gemm;
 pub mod math;
@@ -72,7 +73,11 @@ impl SimdLevel {
     /// the best detected.
     pub fn from_env() -> SimdLevel {
         let best = Self::detect();
-        match std::env::var("HALFSTEP_SIMD").ok().as_deref().and_then(Self::parse) {
+        match std::env::var("HALFSTEP_SIMD")
+            .ok()
+            .as_deref()
+            .and_then(Self::parse)
+        {
             Some(l) => l.min(best),
             None => best,
         }

@@ -10,7 +10,10 @@ use crate::dtype::Elem;
 /// The mean square is the striped [`dot`] of the row with itself, so it has a fixed order.
 pub fn rms_norm<T: Elem>(level: SimdLevel, x: &[f32], w: &[T], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    assert!(d > 0 && x.len() % d == 0 && out.len() == x.len(), "rms_norm: bad shapes");
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && out.len() == x.len(),
+        "rms_norm: bad shapes"
+    );
     for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let inv = rms_inv(level, xr, eps);
         for ((y, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {

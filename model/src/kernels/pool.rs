@@ -87,7 +87,11 @@ impl ThreadPool {
             .store(self.threads - 1, Ordering::Release);
         self.shared.epoch.fetch_add(1, Ordering::AcqRel);
         {
-            let sleepers = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            let sleepers = self
+                .shared
+                .sleepers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if *sleepers > 0 {
                 self.shared.wake.notify_all();
             }
@@ -154,7 +158,11 @@ impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::Release);
         {
-            let _s = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            let _s = self
+                .shared
+                .sleepers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             self.shared.wake.notify_all();
         }
         for w in self.workers.drain(..) {

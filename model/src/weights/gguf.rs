@@ -153,7 +153,10 @@ impl<'a> Reader<'a> {
         // hold is rejected before anything is allocated for it.
         let left = (self.b.len() - self.pos) as u64;
         if n.saturating_mul(min_elem.max(1) as u64) > left {
-            return err(format!("declared length {n} exceeds the file at offset {}", self.pos));
+            return err(format!(
+                "declared length {n} exceeds the file at offset {}",
+                self.pos
+            ));
         }
         Ok(n as usize)
     }
@@ -283,7 +286,9 @@ impl GgufFile {
                     // Unknown types are kept so that the error can name the tensor later.
                     (Some(_), Err(_)) => 0,
                 };
-                let start = data_start.checked_add(off).filter(|&s| s <= bytes.len() as u64);
+                let start = data_start
+                    .checked_add(off)
+                    .filter(|&s| s <= bytes.len() as u64);
                 let end = start.and_then(|s| s.checked_add(size as u64));
                 match (start, end) {
                     (Some(s), Some(e)) if e <= bytes.len() as u64 => tensors.push(GgufTensor {
@@ -292,11 +297,9 @@ impl GgufFile {
                         ggml_type,
                         range: s as usize..e as usize,
                     }),
-                    _ => {
-                        return err(format!(
-                            "tensor '{name}' data lies outside the file (offset {off}, {size} bytes)"
-                        ))
-                    }
+                    _ => return err(format!(
+                        "tensor '{name}' data lies outside the file (offset {off}, {size} bytes)"
+                    )),
                 }
             }
             (version, metadata, tensors)
@@ -358,11 +361,7 @@ impl GgufFile {
             )
             .into());
         }
-        let id = |k: &str| {
-            self.get(k)
-                .and_then(GgufValue::as_u64)
-                .map(|v| v as u32)
-        };
+        let id = |k: &str| self.get(k).and_then(GgufValue::as_u64).map(|v| v as u32);
         let cfg = ModelConfig {
             architecture,
             vocab_size,
@@ -510,7 +509,11 @@ impl TensorSource for GgufTensors {
         let v = dequantize(ty, self.0.tensor_bytes(t));
         match self.unpermute_heads(name) {
             Some(heads) => {
-                let rows = if t.dims.len() == 2 { t.dims[1] } else { t.dims[0] };
+                let rows = if t.dims.len() == 2 {
+                    t.dims[1]
+                } else {
+                    t.dims[0]
+                };
                 let cols = if t.dims.len() == 2 { t.dims[0] } else { 1 };
                 if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
                     return Err(WeightError::Gguf(format!(

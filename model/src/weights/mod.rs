@@ -132,7 +132,10 @@ pub struct TensorSpec {
 pub fn expected_tensors(c: &ModelConfig) -> Vec<TensorSpec> {
     let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
     let spec = |name: String, shape: Vec<usize>| TensorSpec { name, shape };
-    let mut v = vec![spec("model.embed_tokens.weight".into(), vec![c.vocab_size, h])];
+    let mut v = vec![spec(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, h],
+    )];
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         v.push(spec(format!("{p}.input_layernorm.weight"), vec![h]));
@@ -145,7 +148,10 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<TensorSpec> {
             v.push(spec(format!("{p}.self_attn.v_proj.bias"), vec![kv]));
         }
         v.push(spec(format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-        v.push(spec(format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        v.push(spec(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+        ));
         v.push(spec(format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
         v.push(spec(format!("{p}.mlp.up_proj.weight"), vec![i, h]));
         v.push(spec(format!("{p}.mlp.down_proj.weight"), vec![h, i]));

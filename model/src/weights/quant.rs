@@ -62,7 +62,7 @@ impl GgmlType {
     /// size overflows.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (bs, ts) = self.block();
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return None;
         }
         (n / bs).checked_mul(ts)
@@ -98,7 +98,11 @@ pub fn dequantize(t: GgmlType, data: &[u8]) -> Vec<f32> {
             }
             GgmlType::Q5_0 | GgmlType::Q5_1 => {
                 let d = f16_at(b, 0);
-                let (m, o) = if t == GgmlType::Q5_1 { (f16_at(b, 2), 4) } else { (0.0, 2) };
+                let (m, o) = if t == GgmlType::Q5_1 {
+                    (f16_at(b, 2), 4)
+                } else {
+                    (0.0, 2)
+                };
                 let qh = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
                 let qs = &b[o + 4..o + 20];
                 let val = |q: u32| {

@@ -50,12 +50,13 @@ impl SafetensorsCheckpoint {
                     path: index.display().to_string(),
                     message: e.to_string(),
                 })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                WeightError::Safetensors {
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| WeightError::Safetensors {
                     path: index.display().to_string(),
                     message: "index has no weight_map object".into(),
-                }
-            })?;
+                })?;
             for shard in map.values().filter_map(|s| s.as_str()) {
                 let p = dir.join(shard);
                 if !files.contains(&p) {
@@ -109,10 +110,11 @@ impl SafetensorsCheckpoint {
         let mut files = Vec::new();
         for (fi, (path, bytes)) in backings.into_iter().enumerate() {
             {
-                let st = SafeTensors::deserialize(&bytes).map_err(|e| WeightError::Safetensors {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+                let st =
+                    SafeTensors::deserialize(&bytes).map_err(|e| WeightError::Safetensors {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
                 let base = bytes.as_ptr() as usize;
                 let mut names: Vec<(String, usize)> = Vec::new();
                 for (name, view) in st.tensors() {
@@ -129,7 +131,14 @@ impl SafetensorsCheckpoint {
                         shape: view.shape().to_vec(),
                         dtype: map_dtype(view.dtype()),
                     };
-                    entries.insert(name, Entry { file: fi, info, range });
+                    entries.insert(
+                        name,
+                        Entry {
+                            file: fi,
+                            info,
+                            range,
+                        },
+                    );
                 }
                 names.sort_by_key(|n| n.1);
                 order.extend(names.into_iter().map(|n| n.0));

@@ -19,9 +19,15 @@ pub fn default_model() -> Option<PathBuf> {
         return Some(p);
     }
     if std::env::var_os("CI").is_some() {
-        panic!("{} is missing; run scripts/fetch-default-model.sh", p.display());
+        panic!(
+            "{} is missing; run scripts/fetch-default-model.sh",
+            p.display()
+        );
     }
-    eprintln!("skipping: {} not found (run scripts/fetch-default-model.sh)", p.display());
+    eprintln!(
+        "skipping: {} not found (run scripts/fetch-default-model.sh)",
+        p.display()
+    );
     None
 }
 

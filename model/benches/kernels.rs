@@ -1,0 +1,154 @@
+//! `cargo bench -p halfstep-model`: GEMV throughput on the default model's shapes beside the
+//! machine's measured read bandwidth, and full-forward decode time per token at batch 1.
+//!
+//! Figures are only comparable within one run; the machine's bandwidth moves from minute to
+//! minute, so it is measured beside every figure.
+
+use half::f16;
+use halfstep_model::kernels::bandwidth::read_bandwidth_gbs;
+use halfstep_model::kernels::gemm::{matmul, Output};
+use halfstep_model::{Checkpoint, ContiguousKv, Kernels, LogitsFor, Model, SimdLevel, Span};
+use std::time::Instant;
+
+fn gemv_gbs(kern: &Kernels, k: usize, n: usize, copies: usize, iters: usize) -> (f64, f64) {
+    let ws: Vec<Vec<f16>> = (0..copies)
+        .map(|c| {
+            (0..n * k)
+                .map(|i| f16::from_f32(((i * 7 + c) % 13) as f32 * 0.01))
+                .collect()
+        })
+        .collect();
+    let x: Vec<f32> = (0..k).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut out = vec![0f32; n];
+    for w in &ws {
+        matmul(kern, &x, 1, k, w, n, None, Output::Round, &mut out);
+    }
+    let t0 = Instant::now();
+    for it in 0..iters {
+        matmul(
+            kern,
+            &x,
+            1,
+            k,
+            &ws[it % copies],
+            n,
+            None,
+            Output::Round,
+            &mut out,
+        );
+    }
+    let dt = t0.elapsed().as_secs_f64() / iters as f64;
+    std::hint::black_box(&out);
+    ((n * k * 2) as f64 / dt / 1e9, dt * 1e6)
+}
+
+fn main() {
+    let kern = Kernels::global();
+    println!(
+        "halfstep-model kernels bench: SIMD {:?}, {} threads",
+        kern.level,
+        kern.pool.threads()
+    );
+    let bw = read_bandwidth_gbs(&kern, 512 << 20, 5);
+    println!("memory read bandwidth: {bw:.1} GB/s (512 MiB, best of 5, all threads)");
+    println!();
+    println!("GEMV (1 row, f16 weights), default model shapes:");
+    println!(
+        "{:<22} {:>10} {:>12} {:>10} {:>12} {:>10}",
+        "shape [out x in]", "hot GB/s", "hot us", "DRAM GB/s", "DRAM us", "DRAM/bw"
+    );
+    let shapes = [
+        ("q_proj/o_proj", 576, 576),
+        ("k_proj/v_proj", 192, 576),
+        ("gate/up_proj", 1536, 576),
+        ("down_proj", 576, 1536),
+        ("lm_head", 49152, 576),
+    ];
+    for (name, n, k) in shapes {
+        let (hot, hot_us) = gemv_gbs(&kern, k, n, 1, 2000.min(2_000_000_000 / (n * k)));
+        // Enough copies that the working set (~300 MB) exceeds every cache, as in decode.
+        let copies = (300_000_000 / (n * k * 2)).max(2);
+        let (cold, cold_us) = gemv_gbs(&kern, k, n, copies, 300);
+        println!(
+            "{:<22} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>9.0}%",
+            format!("{name} [{n}x{k}]"),
+            hot,
+            hot_us,
+            cold,
+            cold_us,
+            100.0 * cold / bw
+        );
+    }
+    let levels = SimdLevel::available();
+    println!();
+    println!("GEMV gate_proj [1536x576], hot, by SIMD level (same bits at every level):");
+    for level in levels {
+        let k = Kernels::new(level, kern.pool.clone());
+        let (g, us) = gemv_gbs(&k, 576, 1536, 1, 500);
+        println!("  {level:?}: {g:.1} GB/s ({us:.1} us)");
+    }
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.is_file() {
+        println!("\ndefault model not found (scripts/fetch-default-model.sh); skipping decode");
+        return;
+    }
+    let ck = Checkpoint::open(&path).expect("default model");
+    let m = Model::<f16>::load(ck.config, &*ck.tensors, kern.clone()).expect("load");
+    let c = m.config().clone();
+    let weight_bytes = c.num_parameters() * 2;
+    let mut kv = ContiguousKv::<f16>::new(c.num_hidden_layers, c.kv_dim());
+    let prompt: Vec<u32> = (0..16).map(|i| 100 + i * 31).collect();
+    let logits = m
+        .forward(
+            &[Span {
+                seq: 0,
+                start_pos: 0,
+                tokens: &prompt,
+                logits: LogitsFor::Last,
+            }],
+            &mut kv,
+        )
+        .unwrap();
+    let mut next = argmax(&logits);
+    let steps = 64;
+    let bw_before = read_bandwidth_gbs(&kern, 512 << 20, 3);
+    let t0 = Instant::now();
+    for i in 0..steps {
+        let tok = [next];
+        let l = m
+            .forward(
+                &[Span {
+                    seq: 0,
+                    start_pos: 16 + i,
+                    tokens: &tok,
+                    logits: LogitsFor::Last,
+                }],
+                &mut kv,
+            )
+            .unwrap();
+        next = argmax(&l);
+    }
+    let dt = t0.elapsed().as_secs_f64() / steps as f64;
+    let bw_after = read_bandwidth_gbs(&kern, 512 << 20, 3);
+    let bw_now = bw_before.max(bw_after);
+    let limit = bw_now * 1e9 / weight_bytes as f64;
+    println!();
+    println!(
+        "decode, default model f16, batch 1: {:.2} ms/token = {:.1} tokens/s",
+        dt * 1e3,
+        1.0 / dt
+    );
+    println!(
+        "  weights {:.0} MB/token; bandwidth now {:.1} GB/s => limit {:.1} tokens/s; at {:.0}% of the limit",
+        weight_bytes as f64 / 1e6,
+        bw_now,
+        limit,
+        100.0 / dt / limit
+    );
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap() as u32
+}

@@ -1,0 +1,353 @@
+//! Each kernel against a naive f64 reference, for f32, f16 and bf16 storage, at odd sizes, and
+//! bitwise agreement of every SIMD level and thread count.
+
+mod common;
+
+use half::{bf16, f16};
+use halfstep_model::dtype::to_elems;
+use halfstep_model::kernels::attention::{attention, AttentionShape};
+use halfstep_model::kernels::dot::dot;
+use halfstep_model::kernels::gemm::{matmul, Output};
+use halfstep_model::kernels::math::silu;
+use halfstep_model::kernels::norm::rms_norm;
+use halfstep_model::kernels::rope::Rope;
+use halfstep_model::kernels::softmax::{log_softmax, softmax_in_place};
+use halfstep_model::{ContiguousKv, Elem, Kernels, KvCache, PagedKv, SimdLevel};
+
+/// Unit roundoff of the storage type.
+fn unit<T: Elem>() -> f64 {
+    match T::DTYPE {
+        halfstep_model::DType::Float16 => 2f64.powi(-11),
+        halfstep_model::DType::Bfloat16 => 2f64.powi(-8),
+        halfstep_model::DType::Float32 => 2f64.powi(-24),
+    }
+}
+
+fn rounded<T: Elem>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::round(x)).collect()
+}
+
+fn matmul_matches_reference<T: Elem>() {
+    // Odd sizes exercise the tails of the 16-lane stripes and of the register tiles.
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (3, 17, 5),
+        (5, 31, 13),
+        (7, 100, 29),
+        (64, 72, 40),
+    ] {
+        let x = rounded::<T>(&common::values(1, m * k));
+        let w: Vec<T> = to_elems(&common::values(2, n * k));
+        let b: Vec<T> = to_elems(&common::values(3, n));
+        for level in SimdLevel::available() {
+            for threads in [1, 2] {
+                let kern = Kernels::with_threads(level, threads);
+                for (bias, mode) in [(None, Output::F32), (Some(&b[..]), Output::Round)] {
+                    let mut out = vec![0f32; m * n];
+                    matmul(&kern, &x, m, k, &w, n, bias, mode, &mut out);
+                    for r in 0..m {
+                        for j in 0..n {
+                            let (mut want, mut mag) = (0f64, 0f64);
+                            for i in 0..k {
+                                let p = x[r * k + i] as f64 * w[j * k + i].to_f32() as f64;
+                                want += p;
+                                mag += p.abs();
+                            }
+                            if let Some(b) = bias {
+                                want += b[j].to_f32() as f64;
+                                mag += b[j].to_f32().abs() as f64;
+                            }
+                            let round = if mode == Output::Round {
+                                unit::<T>()
+                            } else {
+                                0.0
+                            };
+                            let tol = round * want.abs() * 1.01 + (k as f64 + 2.0) * 6e-8 * mag;
+                            let got = out[r * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= tol + 1e-30,
+                                "{:?} {level:?} m{m} k{k} n{n} [{r},{j}]: {got} vs {want}",
+                                T::DTYPE
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_f64_reference_f32() {
+    matmul_matches_reference::<f32>();
+}
+#[test]
+fn matmul_matches_f64_reference_f16() {
+    matmul_matches_reference::<f16>();
+}
+#[test]
+fn matmul_matches_f64_reference_bf16() {
+    matmul_matches_reference::<bf16>();
+}
+
+fn matmul_bits_independent_of_level_threads_and_batch<T: Elem>() {
+    let (k, n) = (157, 83);
+    let rows = 37;
+    let x = rounded::<T>(&common::values(4, rows * k));
+    let w: Vec<T> = to_elems(&common::values(5, n * k));
+    let reference = {
+        let kern = Kernels::with_threads(SimdLevel::Portable, 1);
+        let mut out = vec![0f32; rows * n];
+        matmul(&kern, &x, rows, k, &w, n, None, Output::F32, &mut out);
+        out
+    };
+    for level in SimdLevel::available() {
+        for threads in [1, 2, 3] {
+            let kern = Kernels::with_threads(level, threads);
+            // Every prefix length of the batch: row r's bits must not depend on batch size.
+            for m in [1, 2, 3, 4, 5, 9, 24, 37] {
+                let mut out = vec![0f32; m * n];
+                matmul(&kern, &x[..m * k], m, k, &w, n, None, Output::F32, &mut out);
+                for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{level:?} t{threads} m{m} elem {i}"
+                    );
+                }
+            }
+            // A single row placed last in a batch equals the row alone.
+            let mut alone = vec![0f32; n];
+            matmul(
+                &kern,
+                &x[36 * k..],
+                1,
+                k,
+                &w,
+                n,
+                None,
+                Output::F32,
+                &mut alone,
+            );
+            assert_eq!(alone, reference[36 * n..]);
+        }
+    }
+}
+
+#[test]
+fn matmul_bits_do_not_depend_on_level_threads_or_batch_f16() {
+    matmul_bits_independent_of_level_threads_and_batch::<f16>();
+}
+#[test]
+fn matmul_bits_do_not_depend_on_level_threads_or_batch_bf16() {
+    matmul_bits_independent_of_level_threads_and_batch::<bf16>();
+}
+#[test]
+fn matmul_bits_do_not_depend_on_level_threads_or_batch_f32() {
+    matmul_bits_independent_of_level_threads_and_batch::<f32>();
+}
+
+#[test]
+fn dot_is_identical_at_every_level() {
+    for n in [0, 1, 15, 16, 17, 33, 64, 100, 1000] {
+        let x = common::values(6, n);
+        let w: Vec<f16> = to_elems(&common::values(7, n));
+        let r = dot(SimdLevel::Portable, &x, &w);
+        for level in SimdLevel::available() {
+            assert_eq!(dot(level, &x, &w).to_bits(), r.to_bits(), "{level:?} n{n}");
+        }
+    }
+}
+
+fn rms_norm_matches_reference<T: Elem>() {
+    for d in [1, 7, 72, 129] {
+        let rows = 3;
+        let x = rounded::<T>(&common::values(8, rows * d));
+        let w: Vec<T> = to_elems(&common::values(9, d));
+        for level in SimdLevel::available() {
+            let mut out = vec![0f32; rows * d];
+            rms_norm(level, &x, &w, 1e-5, &mut out);
+            for r in 0..rows {
+                let row = &x[r * d..(r + 1) * d];
+                let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (ms + 1e-5).sqrt();
+                for i in 0..d {
+                    let want = row[i] as f64 * inv * w[i].to_f32() as f64;
+                    // Two roundings to T plus f32 error in the mean square.
+                    let tol = want.abs() * (2.02 * unit::<T>() + 1e-6) + 1e-30;
+                    let got = out[r * d + i] as f64;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{:?} d{d}: {got} vs {want}",
+                        T::DTYPE
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rms_norm_matches_f64_reference() {
+    rms_norm_matches_reference::<f32>();
+    rms_norm_matches_reference::<f16>();
+    rms_norm_matches_reference::<bf16>();
+}
+
+fn rope_matches_reference<T: Elem>() {
+    let (hd, heads) = (18, 3);
+    let rope = Rope::new(hd, 10000.0, 64, None);
+    for pos in [0, 1, 17, 63] {
+        let x = rounded::<T>(&common::values(10 + pos as u64, heads * hd));
+        let mut y = x.clone();
+        rope.apply::<T>(&mut y, pos);
+        for h in 0..heads {
+            for i in 0..hd / 2 {
+                let f = 1.0 / 10000f64.powf(2.0 * i as f64 / hd as f64);
+                let (c, s) = ((pos as f64 * f).cos(), (pos as f64 * f).sin());
+                let (a, b) = (x[h * hd + i] as f64, x[h * hd + i + hd / 2] as f64);
+                let want = [a * c - b * s, b * c + a * s];
+                for (j, w) in want.iter().enumerate() {
+                    let got = y[h * hd + i + j * hd / 2] as f64;
+                    let tol = w.abs() * unit::<T>() * 1.01 + 4e-7 * (a.abs() + b.abs());
+                    assert!(
+                        (got - w).abs() <= tol,
+                        "{:?} pos{pos}: {got} vs {w}",
+                        T::DTYPE
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_matches_f64_reference() {
+    rope_matches_reference::<f32>();
+    rope_matches_reference::<f16>();
+    rope_matches_reference::<bf16>();
+}
+
+#[test]
+fn silu_gate_matches_reference() {
+    for x in common::values(20, 500) {
+        let x = x * 12.0;
+        let want = x as f64 / (1.0 + (-(x as f64)).exp());
+        let got = silu(x) as f64;
+        assert!(
+            (got - want).abs() <= 3e-7 * want.abs() + 1e-30,
+            "{x}: {got} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn softmax_and_log_softmax_match_reference() {
+    for n in [1, 5, 49, 1000] {
+        let row: Vec<f32> = common::values(21, n).iter().map(|v| v * 30.0).collect();
+        let m = row.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+        let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+        let mut ls = vec![0f32; n];
+        log_softmax(&row, &mut ls);
+        let mut p = row.clone();
+        softmax_in_place(&mut p);
+        for i in 0..n {
+            let want = row[i] as f64 - m - z.ln();
+            assert!(
+                (ls[i] as f64 - want).abs() <= 2e-5 * (1.0 + want.abs()),
+                "n{n} {i}"
+            );
+            assert!((p[i] as f64 - want.exp()).abs() <= 1e-6 * (1.0 + want.exp()) * 4.0);
+        }
+    }
+}
+
+/// Naive causal attention in f64 for one query of one head.
+fn attention_reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f64> {
+    let hd = q.len();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let s: Vec<f64> = keys
+        .iter()
+        .map(|k| {
+            q.iter()
+                .zip(k)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+                * scale
+        })
+        .collect();
+    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+    let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    (0..hd)
+        .map(|d| e.iter().zip(values).map(|(p, v)| p / z * v[d] as f64).sum())
+        .collect()
+}
+
+fn attention_matches_reference<T: Elem>() {
+    let shape = AttentionShape {
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 18,
+    };
+    let kvd = shape.n_kv_heads * shape.head_dim;
+    let qd = shape.n_heads * shape.head_dim;
+    let len = 23;
+    let keys = rounded::<T>(&common::values(30, len * kvd));
+    let vals = rounded::<T>(&common::values(31, len * kvd));
+    let mut contiguous = ContiguousKv::<T>::new(1, kvd);
+    let mut paged = PagedKv::<T>::new(1, kvd, 5);
+    for p in 0..len {
+        let k: Vec<T> = to_elems(&keys[p * kvd..(p + 1) * kvd]);
+        let v: Vec<T> = to_elems(&vals[p * kvd..(p + 1) * kvd]);
+        contiguous.write(0, 0, p, &k, &v);
+        paged.write(0, 0, p, &k, &v);
+    }
+    // Queries at several positions of the one sequence.
+    let positions = vec![0, 4, 5, 22];
+    let q = rounded::<T>(&common::values(32, positions.len() * qd));
+    let seqs = vec![0; positions.len()];
+    let mut first: Option<Vec<f32>> = None;
+    for level in SimdLevel::available() {
+        for threads in [1, 2] {
+            let kern = Kernels::with_threads(level, threads);
+            for store in [&contiguous as &dyn KvCache<T>, &paged as &dyn KvCache<T>] {
+                let mut out = vec![0f32; positions.len() * qd];
+                attention::<T>(&kern, shape, 0, &q, &seqs, &positions, store, &mut out);
+                match &first {
+                    None => first = Some(out.clone()),
+                    Some(f) => assert_eq!(f, &out, "{level:?} t{threads}"),
+                }
+            }
+        }
+    }
+    let out = first.unwrap();
+    for (i, &pos) in positions.iter().enumerate() {
+        for h in 0..shape.n_heads {
+            let kvh = h / 2;
+            let ks: Vec<Vec<f32>> = (0..=pos)
+                .map(|p| keys[p * kvd + kvh * 18..p * kvd + kvh * 18 + 18].to_vec())
+                .collect();
+            let vs: Vec<Vec<f32>> = (0..=pos)
+                .map(|p| vals[p * kvd + kvh * 18..p * kvd + kvh * 18 + 18].to_vec())
+                .collect();
+            let want = attention_reference(&q[i * qd + h * 18..i * qd + h * 18 + 18], &ks, &vs);
+            for d in 0..18 {
+                let got = out[i * qd + h * 18 + d] as f64;
+                let tol = want[d].abs() * unit::<T>() * 1.01 + 2e-6;
+                assert!(
+                    (got - want[d]).abs() <= tol,
+                    "{:?} pos{pos} h{h} d{d}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_matches_reference_for_paged_and_contiguous_kv() {
+    attention_matches_reference::<f32>();
+    attention_matches_reference::<f16>();
+    attention_matches_reference::<bf16>();
+}

@@ -297,9 +297,11 @@ impl GgufFile {
                         ggml_type,
                         range: s as usize..e as usize,
                     }),
-                    _ => return err(format!(
+                    _ => {
+                        return err(format!(
                         "tensor '{name}' data lies outside the file (offset {off}, {size} bytes)"
-                    )),
+                    ))
+                    }
                 }
             }
             (version, metadata, tensors)

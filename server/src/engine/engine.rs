@@ -1,0 +1,794 @@
+//! The engine loop: one thread owns the model, the K/V pool and the scheduler; callers submit
+//! requests through an [`EngineHandle`] and receive per-step outputs on a channel. Dropping the
+//! receiver aborts the request.
+
+use super::block_manager::BlockManager;
+use super::detokenizer::IncrementalDetokenizer;
+use super::kv_pool::{BlockId, KvPool};
+use super::sampler::{sample, token_logprob, LogprobsMode, SampleContext, SeqRng, TokenLogprob};
+use super::sampling_params::SamplingParams;
+use super::scheduler::{Scheduler, SchedulerConfig};
+use super::sequence::{FinishReason, GeneratedToken, RequestInfo, SeqStatus, Sequence, StopReason};
+use halfstep_model::kernels::softmax::log_softmax;
+use halfstep_model::{DType, Elem, LogitsFor, Model, Span, Tokenizer};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// How the engine is sized and behaves.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences running at once (`--max-num-seqs`).
+    pub max_num_seqs: usize,
+    /// Token budget of one step (`--max-num-batched-tokens`).
+    pub max_num_batched_tokens: usize,
+    /// Positions per K/V block.
+    pub block_size: usize,
+    /// K/V blocks (`--num-kv-blocks`); if `None`, from `kv_cache_memory`.
+    pub num_kv_blocks: Option<usize>,
+    /// Bytes for the K/V cache (`--kv-cache-memory`).
+    pub kv_cache_memory: usize,
+    /// Longest prompt + output (`--max-model-len`); at most the model's context.
+    pub max_model_len: usize,
+    /// Cap on `logprobs`/`prompt_logprobs` (`--max-logprobs`).
+    pub max_logprobs: usize,
+    /// Distribution logprobs report (`--logprobs-mode`).
+    pub logprobs_mode: LogprobsMode,
+    /// Seed of the streams of requests that give none (`--seed`).
+    pub seed: u64,
+    /// Automatic prefix caching.
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            block_size: 16,
+            num_kv_blocks: None,
+            kv_cache_memory: 512 << 20,
+            max_model_len: 8192,
+            max_logprobs: 20,
+            logprobs_mode: LogprobsMode::Raw,
+            seed: 0,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// A parameter is out of range.
+    #[error("{message}")]
+    InvalidRequest {
+        /// The parameter.
+        param: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The prompt plus `max_tokens` exceed `max_model_len`.
+    #[error("this model's maximum context length is {max_model_len} tokens; the request has {prompt_tokens} prompt tokens and asks for {max_tokens} more")]
+    ContextTooLong {
+        /// Context limit.
+        max_model_len: usize,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Requested output tokens.
+        max_tokens: usize,
+    },
+    /// The K/V cache cannot hold the prompt even when empty.
+    #[error("the prompt needs {needed} K/V blocks but the cache has only {available}; raise --kv-cache-memory or --num-kv-blocks")]
+    CacheTooSmall {
+        /// Blocks the prompt needs.
+        needed: usize,
+        /// Blocks in the cache.
+        available: usize,
+    },
+    /// Another live request has the same id.
+    #[error("request id '{0}' is already in use")]
+    DuplicateRequestId(String),
+    /// The engine thread is gone.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// What a request's channel carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestOutput {
+    /// Log-probabilities of the prompt tokens (the first is `None`), before any sample output.
+    PromptLogprobs(Vec<Option<TokenLogprob>>),
+    /// New tokens and text of one sample.
+    Sample(SampleOutput),
+    /// The request failed after it was queued.
+    Error(EngineError),
+}
+
+/// One step's output for one sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleOutput {
+    /// Which of the `n` samples.
+    pub index: usize,
+    /// Tokens generated since the last output.
+    pub tokens: Vec<GeneratedToken>,
+    /// Text added since the last output.
+    pub text: String,
+    /// Set on the last output of the sample.
+    pub finish_reason: Option<FinishReason>,
+    /// The stop string or token id that ended it.
+    pub stop_reason: Option<StopReason>,
+    /// Prompt tokens whose K/V came from the prefix cache.
+    pub num_cached_tokens: usize,
+}
+
+/// Engine counters, readable from any thread without locking.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences running.
+    pub running: AtomicU64,
+    /// Sequences waiting.
+    pub waiting: AtomicU64,
+    /// Blocks free or evictable.
+    pub free_blocks: AtomicU64,
+    /// Blocks in the pool.
+    pub total_blocks: AtomicU64,
+    /// Whether no block has an owner.
+    pub all_blocks_free: AtomicBool,
+    /// Preemptions since start.
+    pub preemptions: AtomicU64,
+    /// Prefix cache queries (tokens).
+    pub prefix_queries: AtomicU64,
+    /// Prefix cache hits (tokens).
+    pub prefix_hits: AtomicU64,
+    /// Steps run.
+    pub steps: AtomicU64,
+    /// Current weight version.
+    pub weight_version: AtomicU64,
+}
+
+/// Static facts about the engine, for validation before submitting.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    /// Run dtype.
+    pub dtype: DType,
+    /// Vocabulary size of the model.
+    pub vocab_size: usize,
+    /// Longest prompt + output.
+    pub max_model_len: usize,
+    /// Cap on logprobs.
+    pub max_logprobs: usize,
+    /// Positions per block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// End-of-sequence token ids.
+    pub eos_token_ids: Vec<u32>,
+}
+
+enum Command {
+    Add(Box<NewRequest>),
+    Abort(String),
+    Shutdown,
+}
+
+struct NewRequest {
+    info: Arc<RequestInfo>,
+    tx: UnboundedSender<RequestOutput>,
+}
+
+/// A cheap, cloneable way to talk to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
+    info: Arc<EngineInfo>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl EngineHandle {
+    /// Static facts about the engine.
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The tokenizer the engine detokenises with.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Checks a request against the engine's limits without queuing it.
+    pub fn check(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+        let info = &self.info;
+        params
+            .validate(info.max_logprobs)
+            .map_err(|e| EngineError::InvalidRequest {
+                param: e.param,
+                message: e.message,
+            })?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest {
+                param: "prompt",
+                message: "the prompt is empty".into(),
+            });
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(EngineError::InvalidRequest {
+                param: "prompt",
+                message: format!(
+                    "token id {bad} is out of range (vocabulary size {})",
+                    info.vocab_size
+                ),
+            });
+        }
+        if prompt.len() + params.max_tokens > info.max_model_len {
+            return Err(EngineError::ContextTooLong {
+                max_model_len: info.max_model_len,
+                prompt_tokens: prompt.len(),
+                max_tokens: params.max_tokens,
+            });
+        }
+        let needed = (prompt.len() + 1).div_ceil(info.block_size);
+        if needed > info.num_blocks {
+            return Err(EngineError::CacheTooSmall {
+                needed,
+                available: info.num_blocks,
+            });
+        }
+        Ok(())
+    }
+
+    /// Validates and queues a request; outputs arrive on the returned channel.
+    pub fn submit(
+        &self,
+        id: String,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<UnboundedReceiver<RequestOutput>, EngineError> {
+        self.check(&prompt, &params)?;
+        let stop_hold = params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let (tx, rx) = unbounded_channel();
+        let info = Arc::new(RequestInfo {
+            id,
+            prompt,
+            params,
+            stop_hold,
+        });
+        self.tx
+            .send(Command::Add(Box::new(NewRequest { info, tx })))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Aborts a request; its unfinished samples end with `finish_reason: abort`.
+    pub fn abort(&self, id: &str) {
+        let _ = self.tx.send(Command::Abort(id.to_string()));
+    }
+
+    /// Stops the engine thread after the current step.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}
+
+struct RequestState {
+    info: Arc<RequestInfo>,
+    tx: UnboundedSender<RequestOutput>,
+    seq_ids: Vec<u64>,
+    seed: u64,
+    forked: bool,
+    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    prompt_logprobs_sent: bool,
+    num_cached_tokens: usize,
+}
+
+struct Engine<T: Elem> {
+    model: Model<T>,
+    tokenizer: Arc<Tokenizer>,
+    pool: KvPool<T>,
+    sched: Scheduler,
+    requests: HashMap<String, RequestState>,
+    cfg: EngineConfig,
+    next_seq_id: u64,
+    weight_version: u64,
+    seeds: SeqRng,
+    stats: Arc<EngineStats>,
+    eos: Vec<u32>,
+}
+
+/// Starts the engine thread for `model` and returns its handle.
+pub fn start_engine<T: Elem>(
+    model: Model<T>,
+    tokenizer: Arc<Tokenizer>,
+    mut cfg: EngineConfig,
+) -> EngineHandle {
+    let c = model.config().clone();
+    cfg.max_model_len = cfg.max_model_len.min(c.max_position_embeddings);
+    let bytes_per_block =
+        KvPool::<T>::bytes_per_block(c.num_hidden_layers, cfg.block_size, c.kv_dim());
+    let num_blocks = cfg
+        .num_kv_blocks
+        .unwrap_or(cfg.kv_cache_memory / bytes_per_block)
+        .max(1);
+    let pool = KvPool::<T>::new(c.num_hidden_layers, num_blocks, cfg.block_size, c.kv_dim());
+    let blocks = BlockManager::new(num_blocks, cfg.block_size, cfg.enable_prefix_caching);
+    let sched = Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+        },
+        blocks,
+    );
+    let mut eos: Vec<u32> = tokenizer.eos_token_ids().to_vec();
+    for e in &c.eos_token_ids {
+        if !eos.contains(e) {
+            eos.push(*e);
+        }
+    }
+    let info = Arc::new(EngineInfo {
+        dtype: T::DTYPE,
+        vocab_size: c.vocab_size,
+        max_model_len: cfg.max_model_len,
+        max_logprobs: cfg.max_logprobs,
+        block_size: cfg.block_size,
+        num_blocks,
+        eos_token_ids: eos.clone(),
+    });
+    let stats = Arc::new(EngineStats::default());
+    stats
+        .total_blocks
+        .store(num_blocks as u64, Ordering::Relaxed);
+    stats
+        .free_blocks
+        .store(num_blocks as u64, Ordering::Relaxed);
+    stats.all_blocks_free.store(true, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel();
+    let mut engine = Engine {
+        model,
+        tokenizer: tokenizer.clone(),
+        pool,
+        sched,
+        requests: HashMap::new(),
+        seeds: SeqRng::new(cfg.seed, u64::MAX),
+        cfg,
+        next_seq_id: 0,
+        weight_version: 0,
+        stats: stats.clone(),
+        eos,
+    };
+    std::thread::Builder::new()
+        .name("halfstep-engine".into())
+        .spawn(move || engine.run(rx))
+        .expect("spawning the engine thread");
+    EngineHandle {
+        tx,
+        stats,
+        info,
+        tokenizer,
+    }
+}
+
+impl<T: Elem> Engine<T> {
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            let cmd = if self.sched.has_work() {
+                match rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(mpsc::TryRecvError::Empty) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            };
+            if let Some(cmd) = cmd {
+                match cmd {
+                    Command::Add(r) => self.add(*r),
+                    Command::Abort(id) => self.abort(&id, true),
+                    Command::Shutdown => return,
+                }
+                // Take every queued command before the next step so requests batch together.
+                continue;
+            }
+            self.step();
+            self.publish_stats();
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        let b = &self.sched.blocks;
+        s.running
+            .store(self.sched.num_running() as u64, Ordering::Relaxed);
+        s.waiting
+            .store(self.sched.num_waiting() as u64, Ordering::Relaxed);
+        s.free_blocks.store(b.num_free() as u64, Ordering::Relaxed);
+        s.all_blocks_free.store(b.all_free(), Ordering::Relaxed);
+        s.preemptions
+            .store(self.sched.num_preemptions, Ordering::Relaxed);
+        s.prefix_queries.store(b.prefix_queries, Ordering::Relaxed);
+        s.prefix_hits.store(b.prefix_hits, Ordering::Relaxed);
+        s.weight_version
+            .store(self.weight_version, Ordering::Relaxed);
+    }
+
+    fn new_seq(&mut self, info: &Arc<RequestInfo>, index: usize, seed: u64) -> Sequence {
+        self.next_seq_id += 1;
+        Sequence {
+            id: self.next_seq_id,
+            request: info.clone(),
+            sample_index: index,
+            tokens: info.prompt.clone(),
+            num_computed: 0,
+            block_table: Vec::new(),
+            status: SeqStatus::Waiting,
+            rng: SeqRng::new(seed, index as u64),
+            generated: Vec::new(),
+            pending: 0,
+            detok: IncrementalDetokenizer::default(),
+            stop_reason: None,
+            preemptions: 0,
+            block_hashes: Vec::new(),
+            cached_prompt_tokens: 0,
+        }
+    }
+
+    fn add(&mut self, r: NewRequest) {
+        let id = r.info.id.clone();
+        if self.requests.contains_key(&id) {
+            let _ =
+                r.tx.send(RequestOutput::Error(EngineError::DuplicateRequestId(id)));
+            return;
+        }
+        let seed = r.info.params.seed.unwrap_or_else(|| self.seeds.next_u64());
+        let leader = self.new_seq(&r.info, 0, seed);
+        let prompt_logprobs = r
+            .info
+            .params
+            .prompt_logprobs
+            .map(|_| vec![None; r.info.prompt.len()]);
+        self.requests.insert(
+            id,
+            RequestState {
+                seq_ids: vec![leader.id],
+                info: r.info,
+                tx: r.tx,
+                seed,
+                forked: false,
+                prompt_logprobs,
+                prompt_logprobs_sent: false,
+                num_cached_tokens: 0,
+            },
+        );
+        self.sched.add(leader);
+        self.publish_stats();
+    }
+
+    /// Ends every unfinished sample of a request; `notify` sends `finish_reason: abort`.
+    fn abort(&mut self, id: &str, notify: bool) {
+        let Some(st) = self.requests.remove(id) else {
+            return;
+        };
+        for sid in st.seq_ids {
+            if let Some(seq) = self.sched.remove(sid) {
+                if notify {
+                    let _ = st.tx.send(RequestOutput::Sample(SampleOutput {
+                        index: seq.sample_index,
+                        tokens: seq.generated[seq.generated.len() - seq.pending..].to_vec(),
+                        text: String::new(),
+                        finish_reason: Some(FinishReason::Abort),
+                        stop_reason: None,
+                        num_cached_tokens: st.num_cached_tokens,
+                    }));
+                }
+            }
+        }
+        self.publish_stats();
+    }
+
+    fn step(&mut self) {
+        // Clients that went away: free their blocks before planning.
+        let gone: Vec<String> = self
+            .requests
+            .iter()
+            .filter(|(_, st)| st.tx.is_closed())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.abort(&id, false);
+        }
+        let plan = self.sched.schedule();
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        if plan.scheduled.is_empty() {
+            self.fail_unschedulable();
+            return;
+        }
+        for &(src, dst) in &plan.copies {
+            self.pool.copy_block(src, dst);
+        }
+        let logits = {
+            let seqs = &self.sched.seqs;
+            let spans: Vec<Span> = plan
+                .scheduled
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Span {
+                    seq: i,
+                    start_pos: s.start,
+                    tokens: &seqs[&s.id].tokens[s.start..s.start + s.len],
+                    logits: s.logits,
+                })
+                .collect();
+            let tables: Vec<&[BlockId]> = plan
+                .scheduled
+                .iter()
+                .map(|s| seqs[&s.id].block_table.as_slice())
+                .collect();
+            let mut view = self.pool.view(&tables);
+            self.model.forward(&spans, &mut view)
+        };
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                // Inputs are validated at submit, so this is a bug; fail the batch, keep serving.
+                tracing::error!("forward failed: {e}");
+                let ids: Vec<String> = plan
+                    .scheduled
+                    .iter()
+                    .filter_map(|s| self.sched.seqs.get(&s.id).map(|q| q.request.id.clone()))
+                    .collect();
+                for id in ids {
+                    self.abort(&id, true);
+                }
+                return;
+            }
+        };
+        let vocab = self.model.config().vocab_size;
+        let mut row = 0;
+        let mut touched: Vec<String> = Vec::new();
+        for s in &plan.scheduled {
+            let rows = match s.logits {
+                LogitsFor::None => 0,
+                LogitsFor::Last => 1,
+                LogitsFor::All => s.len,
+            };
+            let block = &logits[row * vocab..(row + rows) * vocab];
+            row += rows;
+            let Some(seq) = self.sched.seqs.get_mut(&s.id) else {
+                continue;
+            };
+            seq.num_computed += s.len;
+            let computed = seq.num_computed;
+            self.sched.blocks.cache_full_blocks(
+                &seq.block_table,
+                &seq.tokens[..computed],
+                &mut seq.block_hashes,
+            );
+            let req_id = seq.request.id.clone();
+            if s.logits == LogitsFor::All {
+                self.record_prompt_logprobs(&req_id, s.start, s.len, block);
+            }
+            if computed == self.sched.seqs[&s.id].tokens.len() && rows > 0 {
+                let last = &block[(rows - 1) * vocab..rows * vocab];
+                self.sample_for(s.id, last);
+                if !touched.contains(&req_id) {
+                    touched.push(req_id);
+                }
+            }
+        }
+        for id in touched {
+            self.emit(&id);
+        }
+    }
+
+    /// A waiting sequence that cannot fit even in an empty cache (it grew past it) ends.
+    fn fail_unschedulable(&mut self) {
+        if self.sched.num_running() > 0 || self.sched.num_waiting() == 0 {
+            return;
+        }
+        let stuck: Vec<String> = self
+            .sched
+            .seqs
+            .values()
+            .filter(|s| s.status == SeqStatus::Waiting)
+            .map(|s| s.request.id.clone())
+            .collect();
+        for id in stuck {
+            if let Some(st) = self.requests.get(&id) {
+                for &sid in &st.seq_ids.clone() {
+                    if let Some(seq) = self.sched.seqs.get_mut(&sid) {
+                        if seq.status == SeqStatus::Waiting {
+                            seq.status = SeqStatus::Finished(FinishReason::Length);
+                        }
+                    }
+                }
+            }
+            self.emit(&id);
+        }
+    }
+
+    fn record_prompt_logprobs(&mut self, req_id: &str, start: usize, len: usize, block: &[f32]) {
+        let vocab = self.model.config().vocab_size;
+        let Some(st) = self.requests.get_mut(req_id) else {
+            return;
+        };
+        let k = st.info.params.prompt_logprobs.unwrap_or(0);
+        let prompt = &st.info.prompt;
+        let Some(entries) = st.prompt_logprobs.as_mut() else {
+            return;
+        };
+        let mut lp = vec![0f32; vocab];
+        for i in 0..len {
+            let next = start + i + 1;
+            if next >= prompt.len() {
+                break;
+            }
+            log_softmax(&block[i * vocab..(i + 1) * vocab], &mut lp);
+            entries[next] = Some(token_logprob(&lp, prompt[next], k));
+        }
+    }
+
+    /// Samples the next token of `id` (forking `n > 1` siblings at the end of the prompt).
+    fn sample_for(&mut self, id: u64, logits: &[f32]) {
+        let (req_id, fork) = {
+            let seq = &self.sched.seqs[&id];
+            let st = &self.requests[&seq.request.id];
+            (
+                seq.request.id.clone(),
+                seq.sample_index == 0 && !st.forked && seq.request.params.n > 1,
+            )
+        };
+        let mut ids = vec![id];
+        if let Some(st) = self.requests.get_mut(&req_id) {
+            let seq = &self.sched.seqs[&id];
+            if seq.sample_index == 0 && seq.generated.is_empty() {
+                st.num_cached_tokens = seq.cached_prompt_tokens;
+            }
+        }
+        if fork {
+            let (info, seed) = {
+                let st = &self.requests[&req_id];
+                (st.info.clone(), st.seed)
+            };
+            for i in 1..info.params.n {
+                let mut sib = self.new_seq(&info, i, seed);
+                let leader = &self.sched.seqs[&id];
+                sib.block_table = self.sched.blocks.fork(&leader.block_table);
+                sib.block_hashes = leader.block_hashes.clone();
+                sib.num_computed = leader.num_computed;
+                sib.status = SeqStatus::Running;
+                ids.push(sib.id);
+                self.sched.add_running(sib);
+            }
+            let st = self.requests.get_mut(&req_id).expect("request exists");
+            st.forked = true;
+            st.seq_ids.extend(&ids[1..]);
+        }
+        for sid in ids {
+            let seq = self.sched.seqs.get_mut(&sid).expect("sequence exists");
+            let p = &seq.request.params;
+            let cx = SampleContext {
+                params: p,
+                prompt: &seq.request.prompt,
+                output: &seq.tokens[seq.request.prompt.len()..],
+                eos_token_ids: &self.eos,
+                mode: self.cfg.logprobs_mode,
+            };
+            let s = sample(logits, &cx, &mut seq.rng);
+            seq.tokens.push(s.token);
+            seq.generated.push(GeneratedToken {
+                token: s.token,
+                logprob: s.logprob,
+                weight_version: self.weight_version,
+            });
+            seq.pending += 1;
+            check_stop(seq, &self.tokenizer, &self.eos, self.cfg.max_model_len);
+        }
+    }
+
+    /// Sends what is new for each sample of a request; removes finished samples.
+    fn emit(&mut self, req_id: &str) {
+        let Some(st) = self.requests.get_mut(req_id) else {
+            return;
+        };
+        let mut ok = true;
+        if !st.prompt_logprobs_sent {
+            if let Some(pl) = &st.prompt_logprobs {
+                ok &= st
+                    .tx
+                    .send(RequestOutput::PromptLogprobs(pl.clone()))
+                    .is_ok();
+            }
+            st.prompt_logprobs_sent = true;
+        }
+        let mut finished = Vec::new();
+        for &sid in &st.seq_ids {
+            let Some(seq) = self.sched.seqs.get_mut(&sid) else {
+                continue;
+            };
+            let fin = match seq.status {
+                SeqStatus::Finished(r) => Some(r),
+                _ => None,
+            };
+            if seq.pending == 0 && fin.is_none() {
+                continue;
+            }
+            let hold = seq.request.stop_hold.saturating_sub(1);
+            let out = SampleOutput {
+                index: seq.sample_index,
+                tokens: seq.generated[seq.generated.len() - seq.pending..].to_vec(),
+                text: seq.detok.take_delta(fin.is_some(), hold),
+                finish_reason: fin,
+                stop_reason: seq.stop_reason.clone(),
+                num_cached_tokens: st.num_cached_tokens,
+            };
+            seq.pending = 0;
+            ok &= st.tx.send(RequestOutput::Sample(out)).is_ok();
+            if fin.is_some() {
+                finished.push(sid);
+            }
+        }
+        for sid in &finished {
+            self.sched.remove(*sid);
+        }
+        let st = self.requests.get_mut(req_id).expect("request exists");
+        st.seq_ids.retain(|s| !finished.contains(s));
+        let done = st.seq_ids.is_empty() && (st.forked || st.info.params.n == 1);
+        if done {
+            self.requests.remove(req_id);
+        } else if !ok {
+            self.abort(req_id, false);
+        }
+    }
+}
+
+/// Applies EOS, stop tokens, stop strings, `max_tokens` and the context limit after a token.
+fn check_stop(seq: &mut Sequence, tok: &Tokenizer, eos: &[u32], max_model_len: usize) {
+    let p = &seq.request.params;
+    let t = *seq.tokens.last().expect("a token was just appended");
+    let n_out = seq.tokens.len() - seq.prompt_len();
+    // Like vLLM, no stop condition but the length limits applies before min_tokens.
+    let may_stop = n_out >= p.min_tokens;
+    let mut reason = None;
+    if may_stop && !p.ignore_eos && eos.contains(&t) {
+        reason = Some(FinishReason::Stop);
+    } else if may_stop && p.stop_token_ids.contains(&t) {
+        reason = Some(FinishReason::Stop);
+        seq.stop_reason = Some(StopReason::Token(t));
+    }
+    let output = &seq.tokens[seq.prompt_len()..];
+    let stops: &[String] = if reason.is_none() && may_stop {
+        &p.stop
+    } else {
+        &[]
+    };
+    if let Some(m) = seq.detok.update(
+        tok,
+        output,
+        p.skip_special_tokens,
+        stops,
+        p.include_stop_str_in_output,
+    ) {
+        reason = Some(FinishReason::Stop);
+        seq.stop_reason = Some(StopReason::Text(m.stop));
+    }
+    if reason.is_none() && (n_out >= p.max_tokens || seq.tokens.len() >= max_model_len) {
+        reason = Some(FinishReason::Length);
+    }
+    if let Some(r) = reason {
+        if !matches!(seq.stop_reason, Some(StopReason::Text(_))) {
+            let output = &seq.tokens[seq.prompt_len()..];
+            seq.detok.flush(tok, output, p.skip_special_tokens);
+        }
+        seq.status = SeqStatus::Finished(r);
+    }
+}

@@ -1,0 +1,505 @@
+//! Turns a row of logits into the next token: penalties, temperature, top-k, top-p, min-p,
+//! seeded sampling, and the log-probabilities the client asked for.
+
+use super::sampling_params::SamplingParams;
+use halfstep_model::kernels::math::{exp, ln};
+use halfstep_model::kernels::softmax::log_softmax;
+use std::cmp::Ordering;
+
+/// Which distribution reported log-probabilities come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogprobsMode {
+    /// The model's own distribution (vLLM `raw_logprobs`), what a trainer recomputes.
+    #[default]
+    Raw,
+    /// The distribution actually sampled from (after penalties, temperature, top-k/p, min-p).
+    Processed,
+}
+
+impl std::str::FromStr for LogprobsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw_logprobs" | "raw" => Ok(LogprobsMode::Raw),
+            "processed_logprobs" | "processed" => Ok(LogprobsMode::Processed),
+            _ => Err(format!(
+                "unknown logprobs mode '{s}' (expected raw_logprobs or processed_logprobs)"
+            )),
+        }
+    }
+}
+
+/// The seeded random stream of one sample (SplitMix64): portable and cheap to fork.
+#[derive(Debug, Clone)]
+pub struct SeqRng(u64);
+
+impl SeqRng {
+    /// The stream of sample `index` of a request seeded with `seed`.
+    pub fn new(seed: u64, index: u64) -> SeqRng {
+        let mut r = SeqRng(seed ^ 0x6a09_e667_f3bc_c909);
+        let mix = r.next_u64();
+        SeqRng(mix ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A token's log-probability with its rank and the distribution's top entries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// 1 + the number of tokens with a strictly higher log-probability.
+    pub rank: usize,
+    /// The most likely tokens, most likely first (ties by id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities of `token` and the top `k` under the distribution `logprobs`.
+pub fn token_logprob(logprobs: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let lp = logprobs[token as usize];
+    let rank = 1 + logprobs.iter().filter(|&&x| x > lp).count();
+    TokenLogprob {
+        token,
+        logprob: lp,
+        rank,
+        top: top_k(logprobs, k),
+    }
+}
+
+/// The `k` largest entries as `(id, value)`, largest first, ties by lower id.
+pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in values.iter().enumerate() {
+        if best.len() == k && by_value_desc(&(i as u32, v), &best[k - 1]) != Ordering::Less {
+            continue;
+        }
+        let at = best
+            .binary_search_by(|e| by_value_desc(e, &(i as u32, v)))
+            .unwrap_or_else(|e| e);
+        best.insert(at, (i as u32, v));
+        best.truncate(k);
+    }
+    best
+}
+
+fn by_value_desc(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The outcome of one sampling step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    /// The chosen token.
+    pub token: u32,
+    /// Its log-probability (and top entries), when the request asked for logprobs.
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Everything the sampler needs to know about a sequence.
+pub struct SampleContext<'a> {
+    /// The request's parameters.
+    pub params: &'a SamplingParams,
+    /// The prompt tokens.
+    pub prompt: &'a [u32],
+    /// Tokens generated so far.
+    pub output: &'a [u32],
+    /// Tokens that end generation (EOS), masked until `min_tokens` are out.
+    pub eos_token_ids: &'a [u32],
+    /// Which distribution logprobs report.
+    pub mode: LogprobsMode,
+}
+
+/// Chooses the next token from `logits`.
+pub fn sample(logits: &[f32], cx: &SampleContext<'_>, rng: &mut SeqRng) -> Sampled {
+    let p = cx.params;
+    let mut l = logits.to_vec();
+    apply_penalties(&mut l, cx);
+    if cx.output.len() < p.min_tokens {
+        for &t in cx.eos_token_ids.iter().chain(&p.stop_token_ids) {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let (token, processed) = if p.greedy() {
+        let token = argmax(&l);
+        let processed = (cx.mode == LogprobsMode::Processed && p.logprobs.is_some()).then(|| {
+            let mut out = vec![0f32; l.len()];
+            log_softmax(&l, &mut out);
+            out
+        });
+        (token, processed)
+    } else {
+        let inv_t = 1.0 / p.temperature;
+        for v in l.iter_mut() {
+            *v *= inv_t;
+        }
+        let kept = filter(&l, p);
+        let token = draw(&l, &kept, rng.uniform());
+        let processed = (cx.mode == LogprobsMode::Processed && p.logprobs.is_some())
+            .then(|| renormalised_logprobs(&l, &kept));
+        (token, processed)
+    };
+    let logprob = p.logprobs.map(|k| match processed {
+        Some(lp) => token_logprob(&lp, token, k),
+        None => {
+            let mut lp = vec![0f32; logits.len()];
+            log_softmax(logits, &mut lp);
+            token_logprob(&lp, token, k)
+        }
+    });
+    Sampled { token, logprob }
+}
+
+/// Index of the largest value (the lowest such index on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn apply_penalties(l: &mut [f32], cx: &SampleContext<'_>) {
+    let p = cx.params;
+    if p.repetition_penalty != 1.0 {
+        let mut seen = vec![false; l.len()];
+        for &t in cx.prompt.iter().chain(cx.output) {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        for (v, s) in l.iter_mut().zip(seen) {
+            if s {
+                *v = if *v > 0.0 {
+                    *v / p.repetition_penalty
+                } else {
+                    *v * p.repetition_penalty
+                };
+            }
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in cx.output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v -= p.frequency_penalty * c as f32 + p.presence_penalty;
+            }
+        }
+    }
+}
+
+/// Token ids that survive top-k, top-p and min-p, most likely first; `None` keeps all.
+fn filter(l: &[f32], p: &SamplingParams) -> Option<Vec<u32>> {
+    if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+        return None;
+    }
+    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = l.iter().map(|&v| exp(v - m) as f64).sum();
+    let order = |a: &u32, b: &u32| by_value_desc(&(*a, l[*a as usize]), &(*b, l[*b as usize]));
+    // Sorting the whole vocabulary every step is slow; the kept set is almost always among
+    // the most likely few hundred, so sort those and widen only if they fall short.
+    let mut cand: Vec<u32> = (0..l.len() as u32).collect();
+    let mut width = 256.min(cand.len());
+    loop {
+        if width < cand.len() {
+            cand.select_nth_unstable_by(width - 1, order);
+        }
+        cand[..width].sort_unstable_by(order);
+        let mass: f64 = cand[..width]
+            .iter()
+            .map(|&t| exp(l[t as usize] - m) as f64)
+            .sum();
+        let enough_k = p.top_k > 0 && p.top_k <= width;
+        let enough_min_p = p.min_p > 0.0
+            && exp(l[cand[width - 1] as usize] - m) < p.min_p * exp(l[cand[0] as usize] - m);
+        if width == cand.len() || enough_k || enough_min_p || mass / z >= p.top_p as f64 {
+            break;
+        }
+        width = (width * 8).min(cand.len());
+    }
+    let mut kept = Vec::new();
+    let mut cum = 0f64;
+    let p_max = exp(l[cand[0] as usize] - m) as f64 / z;
+    for (i, &t) in cand[..width].iter().enumerate() {
+        if p.top_k > 0 && i >= p.top_k {
+            break;
+        }
+        let prob = exp(l[t as usize] - m) as f64 / z;
+        // top-p keeps the smallest prefix whose mass reaches top_p (always at least one).
+        if i > 0 && cum >= p.top_p as f64 {
+            break;
+        }
+        if i > 0 && prob < p.min_p as f64 * p_max {
+            break;
+        }
+        kept.push(t);
+        cum += prob;
+    }
+    Some(kept)
+}
+
+/// Inverse-CDF draw over the kept tokens (in their order) or the whole vocabulary (id order).
+fn draw(l: &[f32], kept: &Option<Vec<u32>>, u: f64) -> u32 {
+    let ids: Box<dyn Iterator<Item = u32> + '_> = match kept {
+        Some(k) => Box::new(k.iter().copied()),
+        None => Box::new(0..l.len() as u32),
+    };
+    let ids: Vec<u32> = ids.collect();
+    let m = ids
+        .iter()
+        .map(|&t| l[t as usize])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f64> = ids.iter().map(|&t| exp(l[t as usize] - m) as f64).collect();
+    let total: f64 = w.iter().sum();
+    let target = u * total;
+    let mut cum = 0f64;
+    for (&t, &wi) in ids.iter().zip(&w) {
+        cum += wi;
+        if cum > target && wi > 0.0 {
+            return t;
+        }
+    }
+    // Rounding left the target at the very end: the last token with weight.
+    ids.iter()
+        .zip(&w)
+        .rev()
+        .find(|(_, &wi)| wi > 0.0)
+        .map(|(&t, _)| t)
+        .unwrap_or(ids[0])
+}
+
+/// Log-probabilities of the distribution restricted to `kept` and renormalised.
+fn renormalised_logprobs(l: &[f32], kept: &Option<Vec<u32>>) -> Vec<f32> {
+    match kept {
+        None => {
+            let mut out = vec![0f32; l.len()];
+            log_softmax(l, &mut out);
+            out
+        }
+        Some(k) => {
+            let m = k
+                .iter()
+                .map(|&t| l[t as usize])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for &t in k {
+                sum += exp(l[t as usize] - m);
+            }
+            let ln_sum = ln(sum);
+            let mut out = vec![f32::NEG_INFINITY; l.len()];
+            for &t in k {
+                out[t as usize] = (l[t as usize] - m) - ln_sum;
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cx<'a>(p: &'a SamplingParams, out: &'a [u32]) -> SampleContext<'a> {
+        SampleContext {
+            params: p,
+            prompt: &[],
+            output: out,
+            eos_token_ids: &[0],
+            mode: LogprobsMode::Raw,
+        }
+    }
+
+    /// The target distribution computed independently in f64, straight from the definitions.
+    fn reference(logits: &[f64], t: f64, top_k: usize, top_p: f64, min_p: f64) -> Vec<f64> {
+        let n = logits.len();
+        let z: Vec<f64> = logits.iter().map(|l| l / t).collect();
+        let m = z.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        let p: Vec<f64> = e.iter().map(|v| v / s).collect();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
+        let mut keep = vec![false; n];
+        let mut cum = 0.0;
+        for (i, &t) in order.iter().enumerate() {
+            if (top_k > 0 && i >= top_k) || (i > 0 && cum >= top_p) || p[t] < min_p * p[order[0]] {
+                break;
+            }
+            keep[t] = true;
+            cum += p[t];
+        }
+        let kept: f64 = (0..n).filter(|&i| keep[i]).map(|i| p[i]).sum();
+        (0..n)
+            .map(|i| if keep[i] { p[i] / kept } else { 0.0 })
+            .collect()
+    }
+
+    #[test]
+    fn empirical_distribution_matches_target_by_chi_square() {
+        let logits = [1.0f32, 2.0, 0.5, -1.0, 1.5, 0.0, 2.2, -0.3];
+        let l64: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+        let cases = [
+            (1.0, 0, 1.0, 0.0),
+            (0.7, 0, 1.0, 0.0),
+            (1.3, 5, 1.0, 0.0),
+            (1.0, 0, 0.8, 0.0),
+            (0.9, 6, 0.9, 0.0),
+            (1.0, 0, 1.0, 0.3),
+        ];
+        for (t, k, tp, mp) in cases {
+            let p = SamplingParams {
+                temperature: t,
+                top_k: k,
+                top_p: tp,
+                min_p: mp,
+                ..Default::default()
+            };
+            let mut rng = SeqRng::new(1234, 0);
+            let n = 40_000;
+            let mut counts = [0usize; 8];
+            for _ in 0..n {
+                let c = SampleContext {
+                    eos_token_ids: &[],
+                    ..cx(&p, &[])
+                };
+                counts[sample(&logits, &c, &mut rng).token as usize] += 1;
+            }
+            let want = reference(&l64, t as f64, k, tp as f64, mp as f64);
+            let mut chi2 = 0.0;
+            let mut df = 0;
+            for i in 0..8 {
+                if want[i] == 0.0 {
+                    assert_eq!(
+                        counts[i], 0,
+                        "token {i} drawn though filtered ({t} {k} {tp} {mp})"
+                    );
+                } else {
+                    let e = want[i] * n as f64;
+                    chi2 += (counts[i] as f64 - e).powi(2) / e;
+                    df += 1;
+                }
+            }
+            // 99.9th percentile of chi-square with up to 7 degrees of freedom is 24.3.
+            assert!(
+                chi2 < 24.3,
+                "chi2 {chi2} df {} for {t} {k} {tp} {mp}: {counts:?}",
+                df - 1
+            );
+        }
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_greedy_takes_argmax() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let p = SamplingParams::default();
+        let run = |seed| {
+            let mut rng = SeqRng::new(seed, 0);
+            (0..20)
+                .map(|_| sample(&logits, &cx(&p, &[]), &mut rng).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+        let g = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            sample(&logits, &cx(&g, &[]), &mut SeqRng::new(0, 0)).token,
+            argmax(&logits)
+        );
+    }
+
+    #[test]
+    fn min_tokens_masks_eos_and_penalties_move_logits() {
+        let logits = vec![5.0, 1.0, 0.5];
+        let g = SamplingParams {
+            temperature: 0.0,
+            min_tokens: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            sample(&logits, &cx(&g, &[1]), &mut SeqRng::new(0, 0)).token,
+            1
+        );
+        assert_eq!(
+            sample(&logits, &cx(&g, &[1, 1]), &mut SeqRng::new(0, 0)).token,
+            0
+        );
+        let logits = vec![0.0, 3.0, 2.9];
+        let pen = SamplingParams {
+            temperature: 0.0,
+            frequency_penalty: 0.2,
+            ..Default::default()
+        };
+        assert_eq!(
+            sample(&logits, &cx(&pen, &[1]), &mut SeqRng::new(0, 0)).token,
+            2
+        );
+        let rep = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 1.1,
+            ..Default::default()
+        };
+        assert_eq!(
+            sample(&logits, &cx(&rep, &[1]), &mut SeqRng::new(0, 0)).token,
+            2
+        );
+    }
+
+    #[test]
+    fn raw_logprobs_are_the_models_and_processed_are_renormalised() {
+        let logits = vec![2.0f32, 1.0, 0.0, -1.0];
+        let p = SamplingParams {
+            top_k: 2,
+            logprobs: Some(2),
+            ..Default::default()
+        };
+        let s = sample(&logits, &cx(&p, &[]), &mut SeqRng::new(3, 0));
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        let lp = s.logprob.unwrap();
+        assert!((lp.logprob as f64 - (logits[s.token as usize] as f64 - z.ln())).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1]);
+        let c = SampleContext {
+            mode: LogprobsMode::Processed,
+            ..cx(&p, &[])
+        };
+        let s = sample(&logits, &c, &mut SeqRng::new(3, 0));
+        let z2 = (2.0f64).exp() + 1f64.exp();
+        let want = logits[s.token as usize] as f64 - z2.ln();
+        assert!((s.logprob.unwrap().logprob as f64 - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_helper_orders_by_value_then_id() {
+        assert_eq!(
+            top_k(&[1.0, 3.0, 3.0, 2.0], 3),
+            vec![(1, 3.0), (2, 3.0), (3, 2.0)]
+        );
+        assert_eq!(top_k(&[1.0], 5), vec![(0, 1.0)]);
+    }
+}

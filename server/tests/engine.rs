@@ -139,7 +139,10 @@ fn sampled(seed: u64, max_tokens: usize) -> SamplingParams {
     }
 }
 
-fn bits(s: &Sample) -> Vec<(u32, u32, Vec<(u32, u32)>)> {
+/// (token, logprob bits, top (id, logprob bits)) per generated token.
+type TokenBits = (u32, u32, Vec<(u32, u32)>);
+
+fn bits(s: &Sample) -> Vec<TokenBits> {
     s.tokens
         .iter()
         .map(|t| {

@@ -1,1 +1,29 @@
-fn main() {}
+//! The `halfstep` binary.
+
+use clap::Parser;
+use halfstep_server::cli::{self, Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(cli::serve(args)),
+        Command::Generate(args) => cli::generate(args),
+        Command::Openapi { output } => {
+            let doc = halfstep_server::api::openapi::openapi_json();
+            match output {
+                Some(p) => std::fs::write(&p, doc)?,
+                None => print!("{doc}"),
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The HTTP API: routes, shared state, authentication, limits and error shapes.
+//!
+//! Routes follow vLLM's OpenAI-compatible server (see shared/design/api.md). Validation lives
+//! in [`validation`]; handlers only queue checked requests and format engine outputs.
+
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod format;
+pub mod misc;
+pub mod openapi;
+pub mod protocol;
+pub mod validation;
+
+use crate::engine::EngineHandle;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tower_http::cors::CorsLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+/// Server-wide settings of the API layer.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Name clients use for the model (`--served-model-name`).
+    pub served_model_name: String,
+    /// Where the model was loaded from.
+    pub model_root: String,
+    /// Key required on `/v1/*` (`--api-key`).
+    pub api_key: Option<String>,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Longest a request may take to produce its response head.
+    pub request_timeout: Duration,
+}
+
+/// What every handler shares.
+pub struct AppState {
+    /// The engine.
+    pub engine: EngineHandle,
+    /// Served model name.
+    pub served_model_name: String,
+    /// Model path.
+    pub model_root: String,
+    /// `--api-key`.
+    pub api_key: Option<String>,
+    /// Unix seconds at start.
+    pub started: u64,
+    /// Whether requests are accepted (false while shutting down).
+    pub accepting: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// State over a running engine.
+    pub fn new(engine: EngineHandle, cfg: &ApiConfig) -> AppState {
+        AppState {
+            engine,
+            served_model_name: cfg.served_model_name.clone(),
+            model_root: cfg.model_root.clone(),
+            api_key: cfg.api_key.clone(),
+            started: unix_now(),
+            accepting: AtomicBool::new(true),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Unix seconds now.
+    pub fn now(&self) -> u64 {
+        unix_now()
+    }
+
+    /// The current weight version.
+    pub fn weight_version(&self) -> u64 {
+        self.engine.stats().weight_version.load(Ordering::Relaxed)
+    }
+
+    /// A unique response id (`<prefix>-<caller id>` or `<prefix>-<counter><start>`).
+    pub fn new_id(&self, prefix: &str, requested: Option<&str>) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        match requested {
+            Some(r) if !r.is_empty() => format!("{prefix}-{r}-{n}"),
+            _ => format!("{prefix}-{:08x}{n:08x}", self.started as u32),
+        }
+    }
+
+    /// Ok while requests are accepted; 503 otherwise.
+    pub fn ready(&self) -> Result<(), ApiError> {
+        if self.accepting.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is not accepting requests",
+            ))
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An SSE response over serialised chunks, ending with `data: [DONE]`.
+pub fn sse_response(rx: tokio::sync::mpsc::Receiver<String>) -> Response {
+    let chunks = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|c| {
+            (
+                Ok::<_, std::convert::Infallible>(Event::default().data(c)),
+                rx,
+            )
+        })
+    });
+    let done = futures::stream::once(async { Ok(Event::default().data("[DONE]")) });
+    use futures::StreamExt;
+    Sse::new(chunks.chain(done))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// Compares secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= (x ^ y) as usize;
+    }
+    diff == 0
+}
+
+/// Checks `Authorization: Bearer <key>` against `expected`.
+pub fn bearer_ok(req: &Request, expected: &str) -> bool {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| constant_time_eq(k.trim().as_bytes(), expected.as_bytes()))
+}
+
+async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        if !bearer_ok(&req, key) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid API key")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Rewrites error responses made outside our handlers (body limit, timeout, unknown route,
+/// wrong method) into the OpenAI error shape.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let msg = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "request body too large".to_string(),
+            StatusCode::REQUEST_TIMEOUT => "request timed out".to_string(),
+            StatusCode::METHOD_NOT_ALLOWED => "method not allowed".to_string(),
+            StatusCode::NOT_FOUND => "not found".to_string(),
+            s => s.canonical_reason().unwrap_or("error").to_string(),
+        };
+        return ApiError::new(status, msg).into_response();
+    }
+    resp
+}
+
+async fn not_found(req: Request<Body>) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("route {} {} not found", req.method(), req.uri().path()),
+    )
+    .into_response()
+}
+
+/// The application: every route with its layers.
+pub fn router(state: Arc<AppState>, cfg: &ApiConfig) -> Router {
+    let v1 = Router::new()
+        .route("/v1/completions", post(completions::create_completion))
+        .route("/v1/chat/completions", post(chat::create_chat_completion))
+        .route("/v1/models", get(misc::list_models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/tokenize", post(misc::tokenize))
+        .route("/detokenize", post(misc::detokenize))
+        .route("/health", get(misc::health))
+        .route("/ping", get(misc::ping).post(misc::ping))
+        .route("/version", get(misc::version))
+        // `/metrics` and the trainer hooks are merged here by their own modules.
+        .fallback(not_found)
+        .layer(RequestBodyLimitLayer::new(cfg.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            cfg.request_timeout,
+        ))
+        .layer(CorsLayer::permissive())
+        .layer(middleware::from_fn(json_errors))
+        .with_state(state)
+}

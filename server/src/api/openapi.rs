@@ -1,0 +1,40 @@
+//! The OpenAPI description of the HTTP API, generated from the handlers and types.
+
+use super::protocol::*;
+use utoipa::OpenApi;
+
+/// halfstep's OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "halfstep", description = "OpenAI- and vLLM-compatible FP16 inference server with trainer hooks."),
+    paths(
+        super::completions::create_completion,
+        super::chat::create_chat_completion,
+        super::misc::list_models,
+        super::misc::tokenize,
+        super::misc::detokenize,
+        super::misc::health,
+        super::misc::ping,
+        super::misc::version,
+    ),
+    components(schemas(
+        Prompt, Stop, StreamOptions, SamplingFields, CompletionRequest, ChatMessage,
+        ChatCompletionRequest, Usage, PromptTokensDetails, CompletionLogprobs, PromptLogprob,
+        WeightVersionSpan, CompletionChoice, CompletionResponse, ChatTopLogprob,
+        ChatTokenLogprob, ChatLogprobs, ChatResponseMessage, ChatChoice, ChatCompletionResponse,
+        ChatDelta, ChatChunkChoice, ChatCompletionChunk, ModelCard, ModelList, TokenizeRequest,
+        TokenizeResponse, DetokenizeRequest, DetokenizeResponse, VersionResponse, ErrorResponse,
+        ErrorInfo
+    )),
+    tags((name = "inference", description = "Completions, chat, tokenizer"), (name = "ops", description = "Health and version"))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON (what `halfstep openapi` writes).
+pub fn openapi_json() -> String {
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("OpenAPI serialises");
+    s.push('\n');
+    s
+}

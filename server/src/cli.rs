@@ -27,6 +27,14 @@ pub enum Command {
     Serve(ServeArgs),
     /// Generate from a prompt on the command line (the engine without HTTP).
     Generate(GenerateArgs),
+    /// Write the seeded tiny test model (HF directory: config, safetensors, tokenizer).
+    TinyModel {
+        /// Directory to create.
+        dir: PathBuf,
+        /// Weight seed.
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+    },
     /// Print (or write) the OpenAPI document of the HTTP API.
     Openapi {
         /// Write to this file instead of stdout.

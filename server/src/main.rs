@@ -10,6 +10,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
@@ -17,6 +18,12 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(cli::serve(args)),
         Command::Generate(args) => cli::generate(args),
+        Command::TinyModel { dir, seed } => {
+            let spec = halfstep_model::testmodel::TinyModelSpec { seed, ..Default::default() };
+            spec.write(&dir)?;
+            eprintln!("wrote the tiny model to {}", dir.display());
+            Ok(())
+        }
         Command::Openapi { output } => {
             let doc = halfstep_server::api::openapi::openapi_json();
             match output {

@@ -19,7 +19,10 @@ fn main() -> anyhow::Result<()> {
             .block_on(cli::serve(args)),
         Command::Generate(args) => cli::generate(args),
         Command::TinyModel { dir, seed } => {
-            let spec = halfstep_model::testmodel::TinyModelSpec { seed, ..Default::default() };
+            let spec = halfstep_model::testmodel::TinyModelSpec {
+                seed,
+                ..Default::default()
+            };
             spec.write(&dir)?;
             eprintln!("wrote the tiny model to {}", dir.display());
             Ok(())

@@ -117,6 +117,7 @@ async fn chat(
             tt_ids,
             token_ids,
             usage,
+            continuous_usage(&req.sampling, usage),
         ));
     }
     let mut tokens: Vec<Vec<GeneratedToken>> = vec![Vec::new(); n];
@@ -173,13 +174,22 @@ async fn chat(
             total_tokens: ids.len() + completion_tokens,
             prompt_tokens_details: None,
         },
-        prompt_logprobs: req.sampling.prompt_logprobs.map(|_| {
-            plp.map(|p| prompt_logprobs(tt, &ids, &p))
+        prompt_logprobs: req.sampling.prompt_logprobs.map(|k| {
+            plp.map(|p| prompt_logprobs(tt, &ids, &p, k.max(0) as usize))
                 .unwrap_or_default()
         }),
         prompt_token_ids: token_ids.then_some(ids),
     })
     .into_response())
+}
+
+/// `stream_options.continuous_usage_stats` (only with `include_usage`, as vLLM).
+pub(super) fn continuous_usage(f: &super::protocol::SamplingFields, include_usage: bool) -> bool {
+    include_usage
+        && f.stream_options
+            .as_ref()
+            .and_then(|o| o.continuous_usage_stats)
+            .unwrap_or(false)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -194,6 +204,7 @@ fn stream(
     as_ids: bool,
     token_ids: bool,
     include_usage: bool,
+    continuous_usage: bool,
 ) -> Response {
     let (tx, out_rx) = tokio::sync::mpsc::channel::<String>(64);
     tokio::spawn(async move {
@@ -225,7 +236,7 @@ fn stream(
                 finish_reason: None,
                 stop_reason: None,
                 token_ids: None,
-                weight_version: None,
+                weight_version: Some(st.weight_version()),
             };
             if tx.send(chunk(vec![c], None)).await.is_err() {
                 return;
@@ -258,7 +269,13 @@ fn stream(
                 token_ids: token_ids.then(|| s.tokens.iter().map(|t| t.token).collect()),
                 weight_version,
             };
-            if tx.send(chunk(vec![c], None)).await.is_err() {
+            let usage = continuous_usage.then(|| Usage {
+                prompt_tokens,
+                completion_tokens,
+                total_tokens: prompt_tokens + completion_tokens,
+                prompt_tokens_details: None,
+            });
+            if tx.send(chunk(vec![c], usage)).await.is_err() {
                 return;
             }
         }

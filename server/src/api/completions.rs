@@ -116,7 +116,7 @@ async fn completion(
         as_ids: req.sampling.return_tokens_as_token_ids.unwrap_or(false),
         token_ids: req.sampling.return_token_ids.unwrap_or(false),
         want_logprobs: logprobs.is_some(),
-        want_prompt_logprobs: req.sampling.prompt_logprobs.is_some(),
+        prompt_logprobs: req.sampling.prompt_logprobs.map(|k| k.max(0) as usize),
         prompts,
     };
     if req.sampling.stream == Some(true) {
@@ -126,7 +126,8 @@ async fn completion(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        return Ok(stream(ctx, rxs, usage));
+        let continuous = super::chat::continuous_usage(&req.sampling, usage);
+        return Ok(stream(ctx, rxs, usage, continuous));
     }
     let mut choices = vec![ChoiceState::default(); ctx.prompts.len() * ctx.n];
     let mut plps: Vec<Option<Vec<Option<TokenLogprob>>>> = vec![None; ctx.prompts.len()];
@@ -159,7 +160,7 @@ async fn completion(
             usage.prompt_tokens += p.ids.len();
         }
         usage.completion_tokens += c.tokens.len();
-        out.push(ctx.choice(tt, ci, &c, plps[pi].as_deref(), true));
+        out.push(ctx.choice(tt, ci, &c, plps[pi].as_deref(), true, 0));
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
     Ok(Json(CompletionResponse {
@@ -181,7 +182,7 @@ struct Ctx {
     as_ids: bool,
     token_ids: bool,
     want_logprobs: bool,
-    want_prompt_logprobs: bool,
+    prompt_logprobs: Option<usize>,
     prompts: Vec<PromptInput>,
 }
 
@@ -194,6 +195,7 @@ impl Ctx {
         c: &ChoiceState,
         plp: Option<&[Option<TokenLogprob>]>,
         first: bool,
+        text_offset: usize,
     ) -> CompletionChoice {
         let p = &self.prompts[ci / self.n];
         let echo = self.echo && first;
@@ -209,7 +211,7 @@ impl Ctx {
             String::new()
         };
         let logprobs = self.want_logprobs.then(|| {
-            let mut b = CompletionLogprobsBuilder::new(0);
+            let mut b = CompletionLogprobsBuilder::new(text_offset);
             if echo {
                 b.push_prompt(tt, &p.ids, plp.unwrap_or(&[]));
             }
@@ -223,8 +225,8 @@ impl Ctx {
             logprobs,
             finish_reason: c.finish.clone(),
             stop_reason: c.stop.clone(),
-            prompt_logprobs: (first && self.want_prompt_logprobs).then(|| {
-                plp.map(|l| prompt_logprobs(tt, &p.ids, l))
+            prompt_logprobs: self.prompt_logprobs.filter(|_| first).map(|k| {
+                plp.map(|l| prompt_logprobs(tt, &p.ids, l, k))
                     .unwrap_or_default()
             }),
             prompt_token_ids: (first && self.token_ids).then(|| p.ids.clone()),
@@ -247,6 +249,7 @@ fn stream(
     ctx: Ctx,
     rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<RequestOutput>>,
     include_usage: bool,
+    continuous_usage: bool,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
     tokio::spawn(async move {
@@ -256,6 +259,8 @@ fn stream(
             as_ids: ctx.as_ids,
         };
         let mut started = vec![false; ctx.prompts.len() * ctx.n];
+        let mut offsets = vec![0usize; ctx.prompts.len() * ctx.n];
+        let prompt_tokens: usize = ctx.prompts.iter().map(|p| p.ids.len()).sum();
         let mut plps: Vec<Option<Vec<Option<TokenLogprob>>>> = vec![None; ctx.prompts.len()];
         let mut completion_tokens = 0;
         let created = st.now();
@@ -284,7 +289,9 @@ fn stream(
             };
             let first = !state.started;
             started[ci] = true;
-            let mut choice = ctx.choice(tt, ci, &state, plps[pi].as_deref(), first);
+            let mut choice = ctx.choice(tt, ci, &state, plps[pi].as_deref(), first, offsets[ci]);
+            // Offsets run over the whole streamed text, as vLLM counts them.
+            offsets[ci] += choice.text.chars().count();
             if !ctx.token_ids {
                 choice.token_ids = None;
             }
@@ -295,7 +302,12 @@ fn stream(
                 created,
                 model: st.served_model_name.clone(),
                 choices: vec![choice],
-                usage: None,
+                usage: continuous_usage.then(|| Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                    prompt_tokens_details: None,
+                }),
             };
             if tx
                 .send(serde_json::to_string(&chunk).unwrap_or_default())
@@ -306,7 +318,6 @@ fn stream(
             }
         }
         if include_usage {
-            let prompt_tokens: usize = ctx.prompts.iter().map(|p| p.ids.len()).sum();
             let chunk = CompletionResponse {
                 id: ctx.id.clone(),
                 object: "text_completion".into(),

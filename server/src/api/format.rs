@@ -2,14 +2,13 @@
 //! logprobs, weight-version spans, and the stream that merges several prompts' outputs.
 
 use super::protocol::{
-    ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, PromptLogprob,
+    ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, OrderedMap, PromptLogprob,
     WeightVersionSpan,
 };
 use crate::engine::{GeneratedToken, RequestOutput, StopReason, TokenLogprob};
 use futures::stream::{self, BoxStream, StreamExt};
 use halfstep_model::Tokenizer;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// How token strings are spelled.
@@ -66,7 +65,7 @@ impl CompletionLogprobsBuilder {
         }
     }
 
-    fn push(&mut self, text: String, lp: Option<f32>, top: Option<BTreeMap<String, f32>>) {
+    fn push(&mut self, text: String, lp: Option<f32>, top: Option<OrderedMap<f32>>) {
         self.out.text_offset.push(self.offset);
         self.offset += text.chars().count();
         self.out.tokens.push(text);
@@ -98,12 +97,12 @@ impl CompletionLogprobsBuilder {
 }
 
 /// The sampled token and its alternatives as `{token: logprob}` (vLLM includes the sampled one).
-fn top_map(tt: TokenText, lp: &TokenLogprob) -> BTreeMap<String, f32> {
-    let mut m = BTreeMap::new();
+fn top_map(tt: TokenText, lp: &TokenLogprob) -> OrderedMap<f32> {
+    let mut m = OrderedMap::default();
+    m.insert_first(tt.of(lp.token), lp.logprob);
     for &(id, v) in &lp.top {
-        m.entry(tt.of(id)).or_insert(v);
+        m.insert_first(tt.of(id), v);
     }
-    m.entry(tt.of(lp.token)).or_insert(lp.logprob);
     m
 }
 
@@ -140,20 +139,21 @@ pub fn chat_logprobs(tt: TokenText, toks: &[GeneratedToken], k: usize) -> ChatLo
 }
 
 /// `prompt_logprobs`: `[null, {"<id>": {logprob, rank, decoded_token}}, ...]`.
-pub type PromptLogprobsJson = Vec<Option<BTreeMap<String, PromptLogprob>>>;
+pub type PromptLogprobsJson = Vec<Option<OrderedMap<PromptLogprob>>>;
 
-/// Formats prompt logprobs (the prompt token itself plus the top-k).
+/// Formats prompt logprobs (the prompt token itself plus the top `k`).
 pub fn prompt_logprobs(
     tt: TokenText,
     prompt: &[u32],
     lps: &[Option<TokenLogprob>],
+    k: usize,
 ) -> PromptLogprobsJson {
     lps.iter()
         .enumerate()
         .map(|(i, lp)| {
             let lp = lp.as_ref()?;
-            let mut m = BTreeMap::new();
-            m.insert(
+            let mut m = OrderedMap::default();
+            m.insert_first(
                 prompt[i].to_string(),
                 PromptLogprob {
                     logprob: lp.logprob,
@@ -161,12 +161,15 @@ pub fn prompt_logprobs(
                     decoded_token: tt.of(prompt[i]),
                 },
             );
-            for (r, &(id, v)) in lp.top.iter().enumerate() {
-                m.entry(id.to_string()).or_insert(PromptLogprob {
-                    logprob: v,
-                    rank: r + 1,
-                    decoded_token: tt.of(id),
-                });
+            for (r, &(id, v)) in lp.top.iter().take(k).enumerate() {
+                m.insert_first(
+                    id.to_string(),
+                    PromptLogprob {
+                        logprob: v,
+                        rank: r + 1,
+                        decoded_token: tt.of(id),
+                    },
+                );
             }
             Some(m)
         })

@@ -184,6 +184,32 @@ async fn json_errors(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Answers a body declared over the limit with 413 after reading (and discarding) it, up to a
+/// cap: replying before the client finished sending makes most clients see a reset connection
+/// instead of the error. Bodies without a length are cut by `RequestBodyLimitLayer`.
+async fn declared_body_limit(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => {
+            if n <= (limit as u64).saturating_mul(4).max(16 << 20) {
+                use futures::StreamExt;
+                let mut body = req.into_body().into_data_stream();
+                while let Some(Ok(_)) = body.next().await {}
+            }
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body of {n} bytes exceeds the limit of {limit} bytes"),
+            )
+            .into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
 async fn not_found(req: Request<Body>) -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -212,6 +238,10 @@ pub fn router(state: Arc<AppState>, cfg: &ApiConfig) -> Router {
         // `/metrics` and the trainer hooks are merged here by their own modules.
         .fallback(not_found)
         .layer(RequestBodyLimitLayer::new(cfg.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            cfg.max_body_bytes,
+            declared_body_limit,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             cfg.request_timeout,

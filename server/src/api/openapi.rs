@@ -38,3 +38,16 @@ pub fn openapi_json() -> String {
     s.push('\n');
     s
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_openapi_json_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../openapi/openapi.json");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == super::openapi_json(),
+            "openapi/openapi.json is stale: run `cargo run -p halfstep-server -- openapi --output openapi/openapi.json`"
+        );
+    }
+}

@@ -5,6 +5,64 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
+/// A JSON object that keeps insertion order (vLLM lists the chosen token first, then by rank).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderedMap<V>(pub Vec<(String, V)>);
+
+impl<V> Default for OrderedMap<V> {
+    fn default() -> Self {
+        OrderedMap(Vec::new())
+    }
+}
+
+impl<V> OrderedMap<V> {
+    /// Adds `key` unless present (the first value wins, as in a Python dict built in order).
+    pub fn insert_first(&mut self, key: String, value: V) {
+        if !self.0.iter().any(|(k, _)| *k == key) {
+            self.0.push((key, value));
+        }
+    }
+
+    /// Entries in order.
+    pub fn entries(&self) -> &[(String, V)] {
+        &self.0
+    }
+}
+
+impl<V: Serialize> Serialize for OrderedMap<V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = OrderedMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = a.next_entry()? {
+                    v.push(e);
+                }
+                Ok(OrderedMap(v))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
 /// A prompt: text, several texts, token ids, or several token-id lists.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(untagged)]
@@ -182,7 +240,7 @@ pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     /// Most likely alternatives per position, token → logprob.
     #[schema(value_type = Vec<Object>)]
-    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    pub top_logprobs: Vec<Option<OrderedMap<f32>>>,
 }
 
 /// One entry of `prompt_logprobs`.
@@ -224,7 +282,7 @@ pub struct CompletionChoice {
     /// `[null, {"<id>": {...}}, ...]` when `prompt_logprobs` was asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Vec<Object>)]
-    pub prompt_logprobs: Option<Vec<Option<BTreeMap<String, PromptLogprob>>>>,
+    pub prompt_logprobs: Option<Vec<Option<OrderedMap<PromptLogprob>>>>,
     /// Prompt token ids (with `return_token_ids`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
@@ -341,7 +399,7 @@ pub struct ChatCompletionResponse {
     /// Prompt log-probabilities, when asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Vec<Object>)]
-    pub prompt_logprobs: Option<Vec<Option<BTreeMap<String, PromptLogprob>>>>,
+    pub prompt_logprobs: Option<Vec<Option<OrderedMap<PromptLogprob>>>>,
     /// Prompt token ids (with `return_token_ids`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,

@@ -43,6 +43,11 @@ fn gemv_gbs(kern: &Kernels, k: usize, n: usize, copies: usize, iters: usize) -> 
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`: stay quick there.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("kernels bench: run with `cargo bench -p halfstep-model`");
+        return;
+    }
     let kern = Kernels::global();
     println!(
         "halfstep-model kernels bench: SIMD {:?}, {} threads",

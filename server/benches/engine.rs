@@ -1,0 +1,96 @@
+//! `cargo bench -p halfstep-server --bench engine`: the engine on the default model in FP16,
+//! without HTTP: decode throughput at 1, 8, 32 and 64 concurrent sequences, time to first
+//! token of a 512-token prompt, and the prefix-cache speed-up when that prompt repeats.
+
+use halfstep_server::engine::{EngineConfig, EngineHandle, RequestOutput, SamplingParams};
+use halfstep_server::loader;
+use std::time::{Duration, Instant};
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| 200 + (i * 7919 + seed * 104_729) % 40_000).collect()
+}
+
+/// Runs `c` sequences of `out` tokens each; returns (output tokens/s, mean TTFT).
+fn throughput(e: &EngineHandle, c: usize, prompt_len: usize, out: usize, round: u32) -> (f64, Duration) {
+    let params = SamplingParams { temperature: 0.0, max_tokens: out, ignore_eos: true, ..Default::default() };
+    let t0 = Instant::now();
+    let mut rxs: Vec<_> = (0..c)
+        .map(|i| e.submit(format!("b{round}-{i}"), prompt(round * 1000 + i as u32, prompt_len), params.clone()).unwrap())
+        .collect();
+    // One reader per request, so every first token is timed when it arrives.
+    let readers: Vec<_> = rxs
+        .drain(..)
+        .map(|mut rx| {
+            std::thread::spawn(move || {
+                let (mut tokens, mut ttft) = (0, None);
+                while let Some(o) = rx.blocking_recv() {
+                    if let RequestOutput::Sample(s) = o {
+                        if ttft.is_none() && !s.tokens.is_empty() {
+                            ttft = Some(t0.elapsed());
+                        }
+                        tokens += s.tokens.len();
+                    }
+                }
+                (tokens, ttft.unwrap_or_default())
+            })
+        })
+        .collect();
+    let mut tokens = 0;
+    let mut ttft = Duration::ZERO;
+    for r in readers {
+        let (n, t) = r.join().unwrap();
+        tokens += n;
+        ttft += t;
+    }
+    (tokens as f64 / t0.elapsed().as_secs_f64(), ttft / c as u32)
+}
+
+fn time_to_first_token(e: &EngineHandle, id: &str, p: Vec<u32>) -> Duration {
+    let params = SamplingParams { temperature: 0.0, max_tokens: 1, ..Default::default() };
+    let t0 = Instant::now();
+    let mut rx = e.submit(id.into(), p, params).unwrap();
+    let mut t = Duration::ZERO;
+    while let Some(o) = rx.blocking_recv() {
+        if matches!(o, RequestOutput::Sample(_)) && t.is_zero() {
+            t = t0.elapsed();
+        }
+    }
+    t
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("engine bench: run with `cargo bench -p halfstep-server --bench engine`");
+        return;
+    }
+    let Some(path) = loader::default_model_path() else {
+        println!("default model not found: run scripts/fetch-default-model.sh");
+        return;
+    };
+    let (e, loaded) = loader::start(&path, halfstep_model::DType::Float16, EngineConfig::default(), &mut |_, _| {})
+        .expect("loading the default model");
+    println!(
+        "engine bench: {} in {}, {} threads, SIMD {:?}",
+        path.display(),
+        loaded.dtype,
+        halfstep_model::kernels::default_threads(),
+        halfstep_model::SimdLevel::from_env()
+    );
+    // Warm up caches and the worker pool.
+    throughput(&e, 2, 16, 8, 0);
+    println!("\n{:>12} {:>16} {:>14}", "concurrency", "output tok/s", "mean TTFT ms");
+    for (round, c) in [1usize, 8, 32, 64].into_iter().enumerate() {
+        let (tps, ttft) = throughput(&e, c, 32, 64, round as u32 + 1);
+        println!("{c:>12} {tps:>16.1} {:>14.1}", ttft.as_secs_f64() * 1e3);
+    }
+    let p512 = prompt(424_242, 512);
+    let cold = time_to_first_token(&e, "ttft-cold", p512.clone());
+    let warm = time_to_first_token(&e, "ttft-warm", p512);
+    println!("\nTTFT, 512-token prompt: {:.1} ms", cold.as_secs_f64() * 1e3);
+    println!(
+        "TTFT, same prompt again (prefix cache): {:.1} ms => speed-up {:.1}x",
+        warm.as_secs_f64() * 1e3,
+        cold.as_secs_f64() / warm.as_secs_f64()
+    );
+    e.shutdown();
+}

@@ -7,15 +7,35 @@ use halfstep_server::loader;
 use std::time::{Duration, Instant};
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| 200 + (i * 7919 + seed * 104_729) % 40_000).collect()
+    (0..len as u32)
+        .map(|i| 200 + (i * 7919 + seed * 104_729) % 40_000)
+        .collect()
 }
 
 /// Runs `c` sequences of `out` tokens each; returns (output tokens/s, mean TTFT).
-fn throughput(e: &EngineHandle, c: usize, prompt_len: usize, out: usize, round: u32) -> (f64, Duration) {
-    let params = SamplingParams { temperature: 0.0, max_tokens: out, ignore_eos: true, ..Default::default() };
+fn throughput(
+    e: &EngineHandle,
+    c: usize,
+    prompt_len: usize,
+    out: usize,
+    round: u32,
+) -> (f64, Duration) {
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: out,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let t0 = Instant::now();
     let mut rxs: Vec<_> = (0..c)
-        .map(|i| e.submit(format!("b{round}-{i}"), prompt(round * 1000 + i as u32, prompt_len), params.clone()).unwrap())
+        .map(|i| {
+            e.submit(
+                format!("b{round}-{i}"),
+                prompt(round * 1000 + i as u32, prompt_len),
+                params.clone(),
+            )
+            .unwrap()
+        })
         .collect();
     // One reader per request, so every first token is timed when it arrives.
     let readers: Vec<_> = rxs
@@ -46,7 +66,11 @@ fn throughput(e: &EngineHandle, c: usize, prompt_len: usize, out: usize, round: 
 }
 
 fn time_to_first_token(e: &EngineHandle, id: &str, p: Vec<u32>) -> Duration {
-    let params = SamplingParams { temperature: 0.0, max_tokens: 1, ..Default::default() };
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 1,
+        ..Default::default()
+    };
     let t0 = Instant::now();
     let mut rx = e.submit(id.into(), p, params).unwrap();
     let mut t = Duration::ZERO;
@@ -67,8 +91,13 @@ fn main() {
         println!("default model not found: run scripts/fetch-default-model.sh");
         return;
     };
-    let (e, loaded) = loader::start(&path, halfstep_model::DType::Float16, EngineConfig::default(), &mut |_, _| {})
-        .expect("loading the default model");
+    let (e, loaded) = loader::start(
+        &path,
+        halfstep_model::DType::Float16,
+        EngineConfig::default(),
+        &mut |_, _| {},
+    )
+    .expect("loading the default model");
     println!(
         "engine bench: {} in {}, {} threads, SIMD {:?}",
         path.display(),
@@ -78,7 +107,10 @@ fn main() {
     );
     // Warm up caches and the worker pool.
     throughput(&e, 2, 16, 8, 0);
-    println!("\n{:>12} {:>16} {:>14}", "concurrency", "output tok/s", "mean TTFT ms");
+    println!(
+        "\n{:>12} {:>16} {:>14}",
+        "concurrency", "output tok/s", "mean TTFT ms"
+    );
     for (round, c) in [1usize, 8, 32, 64].into_iter().enumerate() {
         let (tps, ttft) = throughput(&e, c, 32, 64, round as u32 + 1);
         println!("{c:>12} {tps:>16.1} {:>14.1}", ttft.as_secs_f64() * 1e3);
@@ -86,7 +118,10 @@ fn main() {
     let p512 = prompt(424_242, 512);
     let cold = time_to_first_token(&e, "ttft-cold", p512.clone());
     let warm = time_to_first_token(&e, "ttft-warm", p512);
-    println!("\nTTFT, 512-token prompt: {:.1} ms", cold.as_secs_f64() * 1e3);
+    println!(
+        "\nTTFT, 512-token prompt: {:.1} ms",
+        cold.as_secs_f64() * 1e3
+    );
     println!(
         "TTFT, same prompt again (prefix cache): {:.1} ms => speed-up {:.1}x",
         warm.as_secs_f64() * 1e3,

@@ -107,6 +107,15 @@ pub struct ServeArgs {
     /// Seconds a request may take to produce its response head.
     #[arg(long, default_value_t = 600)]
     pub request_timeout: u64,
+    /// Require `Authorization: Bearer <key>` on the trainer hooks (weight updates, pause...).
+    #[arg(long, env = "HALFSTEP_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    /// Turn the trainer hooks on without an admin key (anyone who can connect may use them).
+    #[arg(long)]
+    pub enable_weight_updates: bool,
+    /// The only directory `/update_weights_from_disk` may read from.
+    #[arg(long)]
+    pub allowed_weight_dir: Option<PathBuf>,
 }
 
 /// `halfstep generate`.
@@ -241,7 +250,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
         request_timeout: Duration::from_secs(args.request_timeout),
+        admin_key: args.admin_key.clone(),
+        enable_weight_updates: args.enable_weight_updates,
+        allowed_weight_dir: args.allowed_weight_dir.clone(),
     };
+    if cfg.admin_key.is_none() && cfg.enable_weight_updates {
+        tracing::warn!(
+            "trainer hooks are on without --admin-key: anyone who can reach this port can replace the model's weights"
+        );
+    }
+    if let Some(d) = &cfg.allowed_weight_dir {
+        if !d.is_dir() {
+            bail!("--allowed-weight-dir {} is not a directory", d.display());
+        }
+    }
     let state = Arc::new(AppState::new(engine.clone(), &cfg));
     let app = api::router(state.clone(), &cfg);
     let addr = format!("{}:{}", args.host, args.port);

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod format;
+pub mod hooks;
 pub mod misc;
 pub mod openapi;
 pub mod protocol;
@@ -42,6 +43,12 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Longest a request may take to produce its response head.
     pub request_timeout: Duration,
+    /// Key required on trainer hooks (`--admin-key`).
+    pub admin_key: Option<String>,
+    /// Trainer hooks on without an admin key (`--enable-weight-updates`).
+    pub enable_weight_updates: bool,
+    /// Directory `update_weights_from_disk` may read from (`--allowed-weight-dir`).
+    pub allowed_weight_dir: Option<std::path::PathBuf>,
 }
 
 /// What every handler shares.
@@ -58,6 +65,16 @@ pub struct AppState {
     pub started: u64,
     /// Whether requests are accepted (false while shutting down).
     pub accepting: AtomicBool,
+    /// New requests get 503 (paused in abort or wait mode).
+    pub reject_new: AtomicBool,
+    /// `--admin-key`.
+    pub admin_key: Option<String>,
+    /// Whether trainer hooks are on.
+    pub hooks_enabled: bool,
+    /// Canonical `--allowed-weight-dir`.
+    pub allowed_weight_dir: Option<std::path::PathBuf>,
+    /// Serialises weight updates; holds the staging of an open multi-part update.
+    pub update_lock: tokio::sync::Mutex<Option<Box<dyn crate::weights::Staging>>>,
     next_id: AtomicU64,
 }
 
@@ -71,6 +88,14 @@ impl AppState {
             api_key: cfg.api_key.clone(),
             started: unix_now(),
             accepting: AtomicBool::new(true),
+            reject_new: AtomicBool::new(false),
+            admin_key: cfg.admin_key.clone(),
+            hooks_enabled: cfg.admin_key.is_some() || cfg.enable_weight_updates,
+            allowed_weight_dir: cfg
+                .allowed_weight_dir
+                .as_ref()
+                .and_then(|d| d.canonicalize().ok()),
+            update_lock: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(0),
         }
     }
@@ -96,14 +121,19 @@ impl AppState {
 
     /// Ok while requests are accepted; 503 otherwise.
     pub fn ready(&self) -> Result<(), ApiError> {
-        if self.accepting.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
-            Err(ApiError::new(
+        if !self.accepting.load(Ordering::Relaxed) {
+            return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the server is not accepting requests",
-            ))
+                "the server is shutting down",
+            ));
         }
+        if self.reject_new.load(Ordering::Relaxed) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "generation is paused (POST /resume)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -159,6 +189,22 @@ async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Ne
         }
     }
     next.run(req).await
+}
+
+async fn require_admin(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    match &st.admin_key {
+        Some(key) if !bearer_ok(&req, key) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "trainer hooks need the admin key (Authorization: Bearer <admin key>)",
+        )
+        .into_response(),
+        None if !st.hooks_enabled => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "trainer hooks are off: start the server with --admin-key (or --enable-weight-updates)",
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 /// Rewrites error responses made outside our handlers (body limit, timeout, unknown route,
@@ -223,20 +269,20 @@ pub fn router(state: Arc<AppState>, cfg: &ApiConfig) -> Router {
     let v1 = Router::new()
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/chat/completions", post(chat::create_chat_completion))
+        .route("/v1/logprobs", post(hooks::score_logprobs))
         .route("/v1/models", get(misc::list_models))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
-    Router::new()
+    let inference = Router::new()
         .merge(v1)
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/health", get(misc::health))
         .route("/ping", get(misc::ping).post(misc::ping))
         .route("/version", get(misc::version))
-        // `/metrics` and the trainer hooks are merged here by their own modules.
-        .fallback(not_found)
+        // `/metrics` is merged here by its own module.
         .layer(RequestBodyLimitLayer::new(cfg.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             cfg.max_body_bytes,
@@ -245,7 +291,27 @@ pub fn router(state: Arc<AppState>, cfg: &ApiConfig) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             cfg.request_timeout,
-        ))
+        ));
+    // Weight uploads stream large bodies: no body limit or timeout, but the admin key.
+    let trainer = Router::new()
+        .route(
+            "/update_weights_from_disk",
+            post(hooks::update_weights_from_disk),
+        )
+        .route("/update_weights", post(hooks::update_weights))
+        .route("/start_weight_update", post(hooks::start_weight_update))
+        .route("/finish_weight_update", post(hooks::finish_weight_update))
+        .route("/pause", post(hooks::pause))
+        .route("/resume", post(hooks::resume))
+        .route("/is_paused", get(hooks::is_paused))
+        .route("/weight_info", get(hooks::weight_info))
+        .route("/get_weights_by_name", get(hooks::get_weights_by_name))
+        .route("/reset_prefix_cache", post(hooks::reset_prefix_cache))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .merge(inference)
+        .merge(trainer)
+        .fallback(not_found)
         .layer(CorsLayer::permissive())
         .layer(middleware::from_fn(json_errors))
         .with_state(state)

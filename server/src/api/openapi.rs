@@ -16,6 +16,17 @@ use utoipa::OpenApi;
         super::misc::health,
         super::misc::ping,
         super::misc::version,
+        super::hooks::score_logprobs,
+        super::hooks::update_weights_from_disk,
+        super::hooks::update_weights,
+        super::hooks::start_weight_update,
+        super::hooks::finish_weight_update,
+        super::hooks::pause,
+        super::hooks::resume,
+        super::hooks::is_paused,
+        super::hooks::weight_info,
+        super::hooks::get_weights_by_name,
+        super::hooks::reset_prefix_cache,
     ),
     components(schemas(
         Prompt, Stop, StreamOptions, SamplingFields, CompletionRequest, ChatMessage,
@@ -24,9 +35,13 @@ use utoipa::OpenApi;
         ChatTokenLogprob, ChatLogprobs, ChatResponseMessage, ChatChoice, ChatCompletionResponse,
         ChatDelta, ChatChunkChoice, ChatCompletionChunk, ModelCard, ModelList, TokenizeRequest,
         TokenizeResponse, DetokenizeRequest, DetokenizeResponse, VersionResponse, ErrorResponse,
-        ErrorInfo
+        ErrorInfo, super::hooks::VersionArg, super::hooks::UpdateFromDiskRequest,
+        super::hooks::UpdateResponse, super::hooks::UpdateTimings, super::hooks::SuccessResponse,
+        super::hooks::PausedResponse, super::hooks::WeightInfo, super::hooks::TensorShape,
+        super::hooks::LogprobsRequest, super::hooks::TopLogprob, super::hooks::SequenceLogprobs,
+        super::hooks::LogprobsResponse
     )),
-    tags((name = "inference", description = "Completions, chat, tokenizer"), (name = "ops", description = "Health and version"))
+    tags((name = "inference", description = "Completions, chat, tokenizer"), (name = "ops", description = "Health and version"), (name = "trainer", description = "Trainer hooks: weight updates, pause/resume, weight info (admin key)"))
 )]
 pub struct ApiDoc;
 

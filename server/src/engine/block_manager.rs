@@ -29,6 +29,9 @@ pub struct BlockManager {
     cached: HashMap<BlockHash, BlockId>,
     block_content: HashMap<BlockId, CachedBlock>,
     enable_prefix_caching: bool,
+    // Roots every hash chain: bumped when the cache is reset (new weights), so blocks of
+    // sequences that straddle the reset can never match a later lookup.
+    epoch: u64,
     /// Prefix-cache lookups (in tokens) since start.
     pub prefix_queries: u64,
     /// Prefix-cache hits (in tokens) since start.
@@ -70,6 +73,7 @@ impl BlockManager {
             cached: HashMap::new(),
             block_content: HashMap::new(),
             enable_prefix_caching,
+            epoch: 0,
             prefix_queries: 0,
             prefix_hits: 0,
         }
@@ -135,7 +139,7 @@ impl BlockManager {
         let bs = self.block_size;
         let mut hits = Vec::new();
         if self.enable_prefix_caching && use_cache {
-            let mut parent = None;
+            let mut parent = Some(self.epoch);
             for chunk in tokens.chunks_exact(bs) {
                 let h = chain_hash(parent, chunk);
                 match self.cached.get(&h) {
@@ -224,7 +228,7 @@ impl BlockManager {
         while hashes.len() < full.min(table.len()) {
             let i = hashes.len();
             let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
-            let h = chain_hash(hashes.last().copied(), chunk);
+            let h = chain_hash(Some(hashes.last().copied().unwrap_or(self.epoch)), chunk);
             hashes.push(h);
             let b = table[i];
             if self.block_content.contains_key(&b) || self.cached.contains_key(&h) {
@@ -260,6 +264,7 @@ impl BlockManager {
 
     /// Forgets every cached block (after a weight update, cached K/V are stale).
     pub fn reset_prefix_cache(&mut self) {
+        self.epoch += 1;
         self.cached.clear();
         self.block_content.clear();
         self.free.extend(self.evictable.drain(..));

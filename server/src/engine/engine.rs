@@ -4,18 +4,22 @@
 
 use super::block_manager::BlockManager;
 use super::detokenizer::IncrementalDetokenizer;
+use super::hooks::{PauseMode, ScoreRequest, ScoreResult, UpdateCmd, UpdateMode, UpdateReport};
 use super::kv_pool::{BlockId, KvPool};
 use super::sampler::{sample, token_logprob, LogprobsMode, SampleContext, SeqRng, TokenLogprob};
 use super::sampling_params::SamplingParams;
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::{FinishReason, GeneratedToken, RequestInfo, SeqStatus, Sequence, StopReason};
+use crate::weights::staging::TypedStaging;
+use crate::weights::{StagedUpdate, Staging, WeightsView};
 use halfstep_model::kernels::softmax::log_softmax;
-use halfstep_model::{DType, Elem, LogitsFor, Model, Span, Tokenizer};
+use halfstep_model::{DType, Elem, LogitsFor, Model, ModelConfig, Span, Tokenizer};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 
 /// How the engine is sized and behaves.
 #[derive(Debug, Clone)]
@@ -147,6 +151,8 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     /// Current weight version.
     pub weight_version: AtomicU64,
+    /// Whether generation is paused.
+    pub paused: AtomicBool,
 }
 
 /// Static facts about the engine, for validation before submitting.
@@ -171,13 +177,24 @@ pub struct EngineInfo {
 enum Command {
     Add(Box<NewRequest>),
     Abort(String),
+    Update(Box<UpdateCmd>),
+    Pause(PauseMode, oneshot::Sender<()>),
+    Resume(oneshot::Sender<()>),
+    ResetPrefixCache(oneshot::Sender<()>),
+    Score(
+        Box<ScoreRequest>,
+        oneshot::Sender<Result<ScoreResult, String>>,
+    ),
+    Snapshot(oneshot::Sender<Arc<dyn WeightsView>>),
     Shutdown,
 }
 
-struct NewRequest {
+pub(super) struct NewRequest {
     info: Arc<RequestInfo>,
     tx: UnboundedSender<RequestOutput>,
 }
+
+type StagingFactory = Arc<dyn Fn() -> Box<dyn Staging> + Send + Sync>;
 
 /// A cheap, cloneable way to talk to the engine thread.
 #[derive(Clone)]
@@ -186,6 +203,8 @@ pub struct EngineHandle {
     stats: Arc<EngineStats>,
     info: Arc<EngineInfo>,
     tokenizer: Arc<Tokenizer>,
+    new_staging: StagingFactory,
+    config: Arc<ModelConfig>,
 }
 
 impl EngineHandle {
@@ -276,9 +295,70 @@ impl EngineHandle {
     pub fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown);
     }
+
+    /// The served model's configuration.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// An empty staging buffer in the engine's run dtype.
+    pub fn new_staging(&self) -> Box<dyn Staging> {
+        (self.new_staging)()
+    }
+
+    /// Queues a staged weight update; the reply comes after the swap.
+    pub async fn update_weights(
+        &self,
+        staged: StagedUpdate,
+        version: Option<u64>,
+        mode: UpdateMode,
+    ) -> Result<UpdateReport, String> {
+        let (cmd, rx) = UpdateCmd::new(staged, version, mode);
+        self.tx
+            .send(Command::Update(Box::new(cmd)))
+            .map_err(|_| EngineError::Stopped.to_string())?;
+        rx.await.map_err(|_| EngineError::Stopped.to_string())?
+    }
+
+    async fn call<R>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<R>) -> Command,
+    ) -> Result<R, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Pauses generation (returns when the pause is in effect).
+    pub async fn pause(&self, mode: PauseMode) -> Result<(), EngineError> {
+        self.call(|r| Command::Pause(mode, r)).await
+    }
+
+    /// Resumes generation.
+    pub async fn resume(&self) -> Result<(), EngineError> {
+        self.call(Command::Resume).await
+    }
+
+    /// Forgets every cached prefix block.
+    pub async fn reset_prefix_cache(&self) -> Result<(), EngineError> {
+        self.call(Command::ResetPrefixCache).await
+    }
+
+    /// Scores token sequences under the current weights.
+    pub async fn score(
+        &self,
+        req: ScoreRequest,
+    ) -> Result<Result<ScoreResult, String>, EngineError> {
+        self.call(|r| Command::Score(Box::new(req), r)).await
+    }
+
+    /// A snapshot of the serving weights.
+    pub async fn snapshot(&self) -> Result<Arc<dyn WeightsView>, EngineError> {
+        self.call(Command::Snapshot).await
+    }
 }
 
-struct RequestState {
+pub(super) struct RequestState {
     info: Arc<RequestInfo>,
     tx: UnboundedSender<RequestOutput>,
     seq_ids: Vec<u64>,
@@ -289,18 +369,26 @@ struct RequestState {
     num_cached_tokens: usize,
 }
 
-struct Engine<T: Elem> {
-    model: Model<T>,
+pub(super) struct Engine<T: Elem> {
+    pub(super) model: Model<T>,
     tokenizer: Arc<Tokenizer>,
     pool: KvPool<T>,
-    sched: Scheduler,
-    requests: HashMap<String, RequestState>,
+    pub(super) sched: Scheduler,
+    pub(super) requests: HashMap<String, RequestState>,
     cfg: EngineConfig,
     next_seq_id: u64,
-    weight_version: u64,
+    pub(super) weight_version: u64,
     seeds: SeqRng,
     stats: Arc<EngineStats>,
     eos: Vec<u32>,
+    /// No steps run while paused (requests are kept).
+    pub(super) paused: bool,
+    /// A `wait` update holding until in-flight requests finish.
+    pub(super) pending_update: Option<UpdateCmd>,
+    /// Requests that arrived while a `wait` update drains.
+    pub(super) deferred: Vec<NewRequest>,
+    /// `/pause?mode=wait` callers waiting for the engine to go idle.
+    pub(super) drain_waiters: Vec<oneshot::Sender<()>>,
 }
 
 /// Starts the engine thread for `model` and returns its handle.
@@ -362,23 +450,32 @@ pub fn start_engine<T: Elem>(
         weight_version: 0,
         stats: stats.clone(),
         eos,
+        paused: false,
+        pending_update: None,
+        deferred: Vec::new(),
+        drain_waiters: Vec::new(),
     };
     std::thread::Builder::new()
         .name("halfstep-engine".into())
         .spawn(move || engine.run(rx))
         .expect("spawning the engine thread");
+    let staging_config = c.clone();
     EngineHandle {
         tx,
         stats,
         info,
         tokenizer,
+        new_staging: Arc::new(move || {
+            Box::new(TypedStaging::<T>::new(staging_config.clone())) as Box<dyn Staging>
+        }),
+        config: Arc::new(c),
     }
 }
 
 impl<T: Elem> Engine<T> {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
         loop {
-            let cmd = if self.sched.has_work() {
+            let cmd = if !self.paused && self.sched.has_work() {
                 match rx.try_recv() {
                     Ok(c) => Some(c),
                     Err(mpsc::TryRecvError::Empty) => None,
@@ -392,19 +489,42 @@ impl<T: Elem> Engine<T> {
             };
             if let Some(cmd) = cmd {
                 match cmd {
-                    Command::Add(r) => self.add(*r),
+                    Command::Add(r) => {
+                        if let Some(r) = self.defer_if_updating(*r) {
+                            self.add(r)
+                        }
+                    }
                     Command::Abort(id) => self.abort(&id, true),
+                    Command::Update(u) => self.queue_update(*u),
+                    Command::Pause(mode, reply) => self.pause(mode, reply),
+                    Command::Resume(reply) => {
+                        self.paused = false;
+                        self.publish_stats();
+                        let _ = reply.send(());
+                    }
+                    Command::ResetPrefixCache(reply) => {
+                        self.sched.blocks.reset_prefix_cache();
+                        let _ = reply.send(());
+                    }
+                    Command::Score(req, reply) => {
+                        let _ = reply.send(self.score(&req));
+                    }
+                    Command::Snapshot(reply) => {
+                        let _ = reply.send(self.snapshot());
+                    }
                     Command::Shutdown => return,
                 }
+                self.maintain();
                 // Take every queued command before the next step so requests batch together.
                 continue;
             }
             self.step();
             self.publish_stats();
+            self.maintain();
         }
     }
 
-    fn publish_stats(&self) {
+    pub(super) fn publish_stats(&self) {
         let s = &self.stats;
         let b = &self.sched.blocks;
         s.running
@@ -419,6 +539,7 @@ impl<T: Elem> Engine<T> {
         s.prefix_hits.store(b.prefix_hits, Ordering::Relaxed);
         s.weight_version
             .store(self.weight_version, Ordering::Relaxed);
+        s.paused.store(self.paused, Ordering::Relaxed);
     }
 
     fn new_seq(&mut self, info: &Arc<RequestInfo>, index: usize, seed: u64) -> Sequence {
@@ -442,7 +563,7 @@ impl<T: Elem> Engine<T> {
         }
     }
 
-    fn add(&mut self, r: NewRequest) {
+    pub(super) fn add(&mut self, r: NewRequest) {
         let id = r.info.id.clone();
         if self.requests.contains_key(&id) {
             let _ =
@@ -474,7 +595,7 @@ impl<T: Elem> Engine<T> {
     }
 
     /// Ends every unfinished sample of a request; `notify` sends `finish_reason: abort`.
-    fn abort(&mut self, id: &str, notify: bool) {
+    pub(super) fn abort(&mut self, id: &str, notify: bool) {
         let Some(st) = self.requests.remove(id) else {
             return;
         };

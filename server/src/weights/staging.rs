@@ -1,0 +1,206 @@
+//! Staged tensors in the run dtype, checked one by one as they arrive, and a read-only view of
+//! the serving weights.
+
+use halfstep_model::forward::to_run_dtype;
+use halfstep_model::weights::{
+    expected_tensors, is_ignorable, SourceDType, TensorSource, WeightError,
+};
+use halfstep_model::{DType, Elem, Model, ModelConfig};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Tensors being collected for one update, already in the run dtype.
+pub trait Staging: Send {
+    /// Checks and converts one tensor (HF name, shape, f32 values); duplicates replace.
+    fn add(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<(), WeightError>;
+    /// Checks a tensor's name, shape and dtype before its data is read.
+    fn check(&self, name: &str, shape: &[usize], dtype: SourceDType) -> Result<(), WeightError>;
+    /// Tensors staged so far.
+    fn len(&self) -> usize;
+    /// Whether nothing is staged.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes staged (in the run dtype).
+    fn bytes(&self) -> usize;
+    /// Time spent converting and checking.
+    fn elapsed(&self) -> Duration;
+    /// Hands the staged tensors over for the swap.
+    fn finish(self: Box<Self>) -> StagedUpdate;
+}
+
+/// Staged tensors ready to swap in (type-erased `Vec<(name, Arc<Vec<T>>)>`).
+pub struct StagedUpdate {
+    /// The tensors, for the engine to downcast to its run dtype.
+    pub tensors: Box<dyn Any + Send>,
+    /// How many.
+    pub count: usize,
+    /// Bytes in the run dtype.
+    pub bytes: usize,
+    /// Time spent staging.
+    pub stage_time: Duration,
+}
+
+/// The typed staging buffer of a model in run dtype `T`.
+pub struct TypedStaging<T: Elem> {
+    config: ModelConfig,
+    expected: Arc<HashMap<String, Vec<usize>>>,
+    tensors: Vec<(String, Arc<Vec<T>>)>,
+    bytes: usize,
+    elapsed: Duration,
+}
+
+impl<T: Elem> TypedStaging<T> {
+    /// An empty staging buffer for a model with `config`.
+    pub fn new(config: ModelConfig) -> Self {
+        let expected = expected_tensors(&config)
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect();
+        TypedStaging {
+            config,
+            expected: Arc::new(expected),
+            tensors: Vec::new(),
+            bytes: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+}
+
+impl<T: Elem> Staging for TypedStaging<T> {
+    fn check(&self, name: &str, shape: &[usize], dtype: SourceDType) -> Result<(), WeightError> {
+        if is_ignorable(name, &self.config) {
+            return Ok(());
+        }
+        let want = self
+            .expected
+            .get(name)
+            .ok_or_else(|| WeightError::Unexpected(name.to_string()))?;
+        if want.as_slice() != shape {
+            return Err(WeightError::Shape {
+                name: name.to_string(),
+                expected: want.clone(),
+                got: shape.to_vec(),
+            });
+        }
+        if let SourceDType::Other(d) = dtype {
+            return Err(WeightError::DType {
+                name: name.to_string(),
+                dtype: d.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<(), WeightError> {
+        let t0 = Instant::now();
+        self.check(name, shape, SourceDType::F32)?;
+        if is_ignorable(name, &self.config) {
+            return Ok(());
+        }
+        let data = Arc::new(to_run_dtype::<T>(name, values)?);
+        self.bytes += data.len() * std::mem::size_of::<T>();
+        if let Some(slot) = self.tensors.iter_mut().find(|(n, _)| n == name) {
+            self.bytes -= slot.1.len() * std::mem::size_of::<T>();
+            slot.1 = data;
+        } else {
+            self.tensors.push((name.to_string(), data));
+        }
+        self.elapsed += t0.elapsed();
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    fn finish(self: Box<Self>) -> StagedUpdate {
+        StagedUpdate {
+            count: self.tensors.len(),
+            bytes: self.bytes,
+            stage_time: self.elapsed,
+            tensors: Box::new(self.tensors),
+        }
+    }
+}
+
+/// Stages every tensor of a checkpoint on disk (any subset of the model's tensors).
+pub fn stage_source(staging: &mut dyn Staging, src: &dyn TensorSource) -> Result<(), WeightError> {
+    let infos = src.tensor_infos();
+    for (name, info) in &infos {
+        staging.check(name, &info.shape, info.dtype)?;
+    }
+    for (name, info) in infos {
+        let values = src.read_f32(&name)?;
+        staging.add(&name, &info.shape, &values)?;
+    }
+    Ok(())
+}
+
+/// A read-only view of the serving weights (a cheap snapshot: tensors are shared).
+pub trait WeightsView: Send + Sync {
+    /// Run dtype.
+    fn dtype(&self) -> DType;
+    /// Tensor names in canonical order.
+    fn names(&self) -> Vec<String>;
+    /// Shape of a tensor.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// A tensor's values widened to f32.
+    fn values(&self, name: &str) -> Option<Vec<f32>>;
+    /// Bytes of all tensors in the run dtype.
+    fn num_bytes(&self) -> usize;
+    /// A checksum over every tensor's name and bits, in canonical order.
+    fn checksum(&self) -> String;
+}
+
+impl<T: Elem> WeightsView for Model<T> {
+    fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+    fn names(&self) -> Vec<String> {
+        self.param_names().to_vec()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.param(name).map(|p| p.shape.clone())
+    }
+    fn values(&self, name: &str) -> Option<Vec<f32>> {
+        self.param(name)
+            .map(|p| p.data.iter().map(|x| x.to_f32()).collect())
+    }
+    fn num_bytes(&self) -> usize {
+        self.params()
+            .iter()
+            .map(|p| p.data.len() * std::mem::size_of::<T>())
+            .sum()
+    }
+    fn checksum(&self) -> String {
+        // FNV-1a over names and raw element bytes: a fingerprint, not a security measure.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |b: &[u8]| {
+            for &x in b {
+                h ^= x as u64;
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for (name, p) in self.param_names().iter().zip(self.params()) {
+            eat(name.as_bytes());
+            let data: &[T] = &p.data;
+            // SAFETY: T is f16, bf16 or f32 (plain bits); viewing them as bytes is sound.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data))
+            };
+            eat(bytes);
+        }
+        format!("{h:016x}")
+    }
+}

@@ -1,0 +1,578 @@
+//! Black-box tests of the trainer hooks: weight updates (upload, disk, multi-part, partial),
+//! rejected updates leaving everything unchanged, pause/resume, weight versions on responses
+//! under load, and `/v1/logprobs` agreeing with sampling.
+
+mod common;
+
+use common::{client, post, post_stream, Server};
+use halfstep_model::testmodel::{encode, write_safetensors, TinyModelSpec};
+use halfstep_model::DType;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+const ADMIN: &str = "admin-secret";
+
+fn model_with_seed(seed: u64, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("halfstep-hooks-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    TinyModelSpec {
+        seed,
+        ..Default::default()
+    }
+    .write(&dir)
+    .unwrap();
+    dir
+}
+
+/// A safetensors file (bytes) of the given tensors in f32.
+fn safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)], tag: &str) -> Vec<u8> {
+    let p = std::env::temp_dir().join(format!(
+        "halfstep-hooks-{tag}-{}.safetensors",
+        std::process::id()
+    ));
+    let enc: Vec<_> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), encode(DType::Float32, v)))
+        .collect();
+    write_safetensors(&p, DType::Float32, &enc).unwrap();
+    let b = std::fs::read(&p).unwrap();
+    let _ = std::fs::remove_file(&p);
+    b
+}
+
+fn admin_post(url: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = client()
+        .post(url)
+        .bearer_auth(ADMIN)
+        .body(body)
+        .send()
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().unwrap_or(Value::Null))
+}
+
+fn admin_get(url: &str) -> Value {
+    client()
+        .get(url)
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+fn greedy(s: &Server, prompt: &str) -> (String, Vec<f64>) {
+    let (st, r) = post(
+        &client(),
+        &s.url("/v1/completions"),
+        &json!({"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": true, "logprobs": 0}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let lps = r["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    (r["choices"][0]["text"].as_str().unwrap().to_string(), lps)
+}
+
+fn server(model: &Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--admin-key", ADMIN];
+    args.extend_from_slice(extra);
+    Server::start(model, &args)
+}
+
+#[test]
+fn full_upload_serves_the_new_checkpoint_and_bumps_the_version() {
+    let a = model_with_seed(1, "up-a");
+    let b = model_with_seed(2, "up-b");
+    let sa = server(&a, &[]);
+    let sb = server(&b, &[]);
+    let want = greedy(&sb, "hello");
+    assert_ne!(greedy(&sa, "hello"), want);
+    let body = std::fs::read(b.join("model.safetensors")).unwrap();
+    let (st, r) = admin_post(&sa.url("/update_weights?weight_version=7"), body);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["success"], true);
+    assert_eq!(r["weight_version"], 7);
+    assert_eq!(
+        greedy(&sa, "hello"),
+        want,
+        "outputs equal a server started on the new checkpoint"
+    );
+    let ia = admin_get(&sa.url("/weight_info"));
+    let ib = admin_get(&sb.url("/weight_info"));
+    assert_eq!(ia["checksum"], ib["checksum"]);
+    assert_eq!(ia["weight_version"], 7);
+    assert_eq!(ia["dtype"], "float16");
+    let (_, r) = post(
+        &client(),
+        &sa.url("/v1/completions"),
+        &json!({"prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(r["choices"][0]["weight_version"], 7);
+}
+
+#[test]
+fn update_from_disk_and_multi_part_upload_are_atomic_and_equal() {
+    let a = model_with_seed(3, "disk-a");
+    let allowed =
+        std::env::temp_dir().join(format!("halfstep-hooks-allowed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&allowed);
+    std::fs::create_dir_all(&allowed).unwrap();
+    TinyModelSpec {
+        seed: 4,
+        ..Default::default()
+    }
+    .write(&allowed.join("ckpt"))
+    .unwrap();
+    let sa = server(&a, &["--allowed-weight-dir", allowed.to_str().unwrap()]);
+    let sb = server(&allowed.join("ckpt"), &[]);
+    let want = greedy(&sb, "disk");
+    let (st, r) = admin_post(
+        &sa.url("/update_weights_from_disk"),
+        json!({"model_path": "ckpt", "weight_version": "3"})
+            .to_string()
+            .into_bytes(),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["weight_version"], 3);
+    assert_eq!(greedy(&sa, "disk"), want);
+
+    // Multi-part: two halves become visible only at finish.
+    let s2 = server(&a, &[]);
+    let before = greedy(&s2, "disk");
+    let t = TinyModelSpec {
+        seed: 4,
+        ..Default::default()
+    }
+    .tensors();
+    let (h1, h2) = t.split_at(t.len() / 2);
+    assert_eq!(admin_post(&s2.url("/start_weight_update"), vec![]).0, 200);
+    assert_eq!(admin_post(&s2.url("/start_weight_update"), vec![]).0, 409);
+    assert_eq!(
+        admin_post(&s2.url("/update_weights"), safetensors(h1, "h1")).0,
+        200
+    );
+    assert_eq!(greedy(&s2, "disk"), before, "nothing visible before finish");
+    assert_eq!(
+        admin_post(&s2.url("/update_weights"), safetensors(h2, "h2")).0,
+        200
+    );
+    let (st, r) = admin_post(&s2.url("/finish_weight_update"), vec![]);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["weight_version"], 1);
+    assert_eq!(greedy(&s2, "disk"), want);
+    assert_eq!(admin_post(&s2.url("/finish_weight_update"), vec![]).0, 409);
+}
+
+#[test]
+fn partial_update_changes_only_the_named_tensor() {
+    let a = model_with_seed(5, "part");
+    let s = server(&a, &[]);
+    let info0 = admin_get(&s.url("/weight_info"));
+    let norm0 = admin_get(&s.url("/get_weights_by_name?name=model.norm.weight"));
+    let q0 = admin_get(
+        &s.url("/get_weights_by_name?name=model.layers.0.self_attn.q_proj.weight&truncate_size=2"),
+    );
+    let new_norm: Vec<f32> = (0..72).map(|i| 0.5 + i as f32 / 64.0).collect();
+    let (st, r) = admin_post(
+        &s.url("/update_weights"),
+        safetensors(
+            &[("model.norm.weight".into(), vec![72], new_norm.clone())],
+            "norm",
+        ),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["num_tensors"], 1);
+    let norm1 = admin_get(&s.url("/get_weights_by_name?name=model.norm.weight"));
+    let want: Vec<f64> = new_norm
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32() as f64)
+        .collect();
+    assert_eq!(norm1, json!(want));
+    assert_ne!(norm1, norm0);
+    assert_eq!(
+        admin_get(&s.url(
+            "/get_weights_by_name?name=model.layers.0.self_attn.q_proj.weight&truncate_size=2"
+        )),
+        q0
+    );
+    assert_eq!(q0.as_array().unwrap().len(), 2);
+    let info1 = admin_get(&s.url("/weight_info"));
+    assert_ne!(info1["checksum"], info0["checksum"]);
+    assert_eq!(info1["weight_version"], 1);
+}
+
+#[test]
+fn every_kind_of_bad_update_is_refused_and_changes_nothing() {
+    let a = model_with_seed(6, "bad");
+    let allowed =
+        std::env::temp_dir().join(format!("halfstep-hooks-allowed-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&allowed);
+    std::fs::create_dir_all(&allowed).unwrap();
+    let outside = model_with_seed(7, "outside");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+    let s = server(&a, &["--allowed-weight-dir", allowed.to_str().unwrap()]);
+    let info0 = admin_get(&s.url("/weight_info"));
+    let out0 = greedy(&s, "same");
+    let good = TinyModelSpec {
+        seed: 8,
+        ..Default::default()
+    }
+    .tensors();
+    let mut wrong_shape = good.clone();
+    wrong_shape[2].1 = vec![72, 71];
+    wrong_shape[2].2.truncate(72 * 71);
+    let mut nan = good.clone();
+    nan[5].2[3] = f32::NAN;
+    let mut unknown = good.clone();
+    unknown.push((
+        "model.layers.9.mlp.gate_proj.weight".into(),
+        vec![2],
+        vec![0.0, 0.0],
+    ));
+    let full = safetensors(&good, "good");
+    let cases: Vec<(&str, Vec<u8>, u16, String)> = vec![
+        (
+            "/update_weights",
+            safetensors(&wrong_shape, "ws"),
+            400,
+            good[2].0.clone(),
+        ),
+        (
+            "/update_weights",
+            safetensors(&nan, "nan"),
+            400,
+            good[5].0.clone(),
+        ),
+        (
+            "/update_weights",
+            safetensors(&unknown, "unk"),
+            400,
+            "model.layers.9.mlp.gate_proj.weight".into(),
+        ),
+        (
+            "/update_weights",
+            full[..full.len() - 1000].to_vec(),
+            400,
+            "ended".into(),
+        ),
+        ("/update_weights", full[..5].to_vec(), 400, "header".into()),
+        (
+            "/update_weights?mode=sideways",
+            full.clone(),
+            400,
+            "mode".into(),
+        ),
+        (
+            "/update_weights_from_disk",
+            json!({"model_path": outside.to_str().unwrap()})
+                .to_string()
+                .into_bytes(),
+            403,
+            "outside".into(),
+        ),
+        (
+            "/update_weights_from_disk",
+            json!({"model_path": "link"}).to_string().into_bytes(),
+            403,
+            "outside".into(),
+        ),
+        (
+            "/update_weights_from_disk",
+            json!({"model_path": "../x"}).to_string().into_bytes(),
+            400,
+            "..".into(),
+        ),
+        (
+            "/update_weights_from_disk",
+            json!({"model_path": "missing"}).to_string().into_bytes(),
+            400,
+            "missing".into(),
+        ),
+    ];
+    for (path, body, status, needle) in cases {
+        let (st, r) = admin_post(&s.url(path), body);
+        assert_eq!(st, status, "{path}: {r}");
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(&needle),
+            "{path}: '{msg}' should name '{needle}'"
+        );
+    }
+    // Wrong or missing admin key.
+    let r = client()
+        .post(s.url("/update_weights"))
+        .bearer_auth("wrong")
+        .body(full.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .post(s.url("/update_weights"))
+        .body(full)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let info1 = admin_get(&s.url("/weight_info"));
+    assert_eq!(info1["checksum"], info0["checksum"]);
+    assert_eq!(info1["weight_version"], 0);
+    assert_eq!(greedy(&s, "same"), out0);
+}
+
+#[test]
+fn hooks_are_off_without_an_admin_key_unless_enabled() {
+    let a = model_with_seed(9, "off");
+    let s = Server::start(&a, &[]);
+    let r = client().post(s.url("/pause")).send().unwrap();
+    assert_eq!(r.status(), 403);
+    let s2 = Server::start(&a, &["--enable-weight-updates"]);
+    let r = client().post(s2.url("/reset_prefix_cache")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        s2.log().contains("without --admin-key"),
+        "a warning is logged"
+    );
+}
+
+#[test]
+fn scored_logprobs_equal_the_sampled_ones() {
+    let a = model_with_seed(10, "score");
+    let s = server(&a, &[]);
+    let (st, r) = post(
+        &client(),
+        &s.url("/v1/completions"),
+        &json!({"prompt": "score me", "max_tokens": 12, "temperature": 1.0, "seed": 5, "logprobs": 2, "return_token_ids": true, "ignore_eos": true}),
+    );
+    assert_eq!(st, 200);
+    let ch = &r["choices"][0];
+    let prompt: Vec<u64> = ch["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let out: Vec<u64> = ch["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let mut all = prompt.clone();
+    all.extend(&out);
+    let (st, sc) = post(
+        &client(),
+        &s.url("/v1/logprobs"),
+        &json!({"sequences": [all], "prompt_lengths": [prompt.len()], "top_logprobs": 2, "return_entropy": true}),
+    );
+    assert_eq!(st, 200, "{sc}");
+    assert_eq!(sc["weight_version"], 0);
+    let d = &sc["data"][0];
+    let lps = d["logprobs"].as_array().unwrap();
+    assert!(lps[..prompt.len()].iter().all(Value::is_null));
+    for (i, want) in ch["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let got = lps[prompt.len() + i].as_f64().unwrap() as f32;
+        assert_eq!(
+            got.to_bits(),
+            (want.as_f64().unwrap() as f32).to_bits(),
+            "token {i}"
+        );
+    }
+    let h = d["entropy"][prompt.len()].as_f64().unwrap();
+    assert!(h > 0.0 && h < (259f64).ln());
+}
+
+#[test]
+fn pause_abort_wait_keep_and_resume() {
+    let a = model_with_seed(11, "pause");
+    let s = server(&a, &[]);
+    let long = json!({"prompt": "go", "max_tokens": 1000, "temperature": 0, "ignore_eos": true, "stream": true});
+    // abort: in-flight streams end with finish_reason "abort"; new requests get 503.
+    let url = s.url("/v1/completions");
+    let h = std::thread::spawn(move || post_stream(&client(), &url, &long));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(
+        admin_post(&s.url("/pause?mode=abort"), vec![]).1,
+        json!({"is_paused": true})
+    );
+    let (chunks, done) = h.join().unwrap();
+    assert!(done);
+    let fin: Vec<&Value> = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .filter(|c| !c["finish_reason"].is_null())
+        .collect();
+    assert_eq!(fin[0]["finish_reason"], "abort");
+    let (st, _) = post(
+        &client(),
+        &s.url("/v1/completions"),
+        &json!({"prompt": "x"}),
+    );
+    assert_eq!(st, 503);
+    assert_eq!(admin_get(&s.url("/is_paused")), json!({"is_paused": true}));
+    assert_eq!(
+        admin_post(&s.url("/resume"), vec![]).1,
+        json!({"is_paused": false})
+    );
+    let reference = greedy(&s, "keep me");
+    // keep: a request sent while paused waits, then completes after resume, unchanged.
+    assert_eq!(admin_post(&s.url("/pause?mode=keep"), vec![]).0, 200);
+    let url = s.url("/v1/completions");
+    let h = std::thread::spawn(move || {
+        post(
+            &client(),
+            &url,
+            &json!({"prompt": "keep me", "max_tokens": 16, "temperature": 0, "ignore_eos": true, "logprobs": 0}),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!h.is_finished(), "frozen while paused");
+    admin_post(&s.url("/resume"), vec![]);
+    let (_, r) = h.join().unwrap();
+    assert_eq!(r["choices"][0]["text"].as_str().unwrap(), reference.0);
+    // wait: returns once in-flight requests are done.
+    let url = s.url("/v1/completions");
+    let h = std::thread::spawn(move || {
+        post(
+            &client(),
+            &url,
+            &json!({"prompt": "w", "max_tokens": 200, "temperature": 0, "ignore_eos": true}),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(admin_post(&s.url("/pause?mode=wait"), vec![]).0, 200);
+    assert!(
+        h.is_finished() || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            h.is_finished()
+        }
+    );
+    let (_, r) = h.join().unwrap();
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    admin_post(&s.url("/resume"), vec![]);
+}
+
+/// 16 streaming clients while 20 updates run back to back, in each mode.
+#[test]
+fn updates_under_load_in_wait_continue_and_abort_modes() {
+    let a = model_with_seed(12, "load");
+    let s = server(&a, &["--max-num-seqs", "64"]);
+    let bodies: Vec<Vec<u8>> = (0..2u64)
+        .map(|i| {
+            safetensors(
+                &TinyModelSpec {
+                    seed: 100 + i,
+                    ..Default::default()
+                }
+                .tensors(),
+                &format!("load{i}"),
+            )
+        })
+        .collect();
+    for mode in ["wait", "continue", "abort"] {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients: Vec<_> = (0..16)
+            .map(|i| {
+                let url = s.url("/v1/completions");
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut results = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let body = json!({"prompt": format!("client {i}"), "max_tokens": 24, "temperature": 1.0, "seed": i, "ignore_eos": true, "stream": true, "return_token_ids": true});
+                        results.push(post_stream(&client(), &url, &body));
+                    }
+                    results
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        for k in 0..20 {
+            let (st, r) = admin_post(
+                &s.url(&format!("/update_weights?mode={mode}")),
+                bodies[k % 2].clone(),
+            );
+            assert_eq!(st, 200, "{mode} update {k}: {r}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut aborted = 0;
+        let mut spanning = 0;
+        for c in clients {
+            for (chunks, done) in c.join().unwrap() {
+                assert!(done, "every stream ends with [DONE]");
+                let choices: Vec<&Value> = chunks
+                    .iter()
+                    .flat_map(|c| c["choices"].as_array().unwrap())
+                    .collect();
+                let fin = choices
+                    .iter()
+                    .find(|c| !c["finish_reason"].is_null())
+                    .expect("a final chunk");
+                let versions: Vec<u64> = choices
+                    .iter()
+                    .filter_map(|c| c["weight_version"].as_u64())
+                    .collect();
+                let distinct: std::collections::BTreeSet<_> = versions.iter().collect();
+                match mode {
+                    "wait" => {
+                        assert_eq!(fin["finish_reason"], "length");
+                        assert_eq!(distinct.len(), 1, "wait mode: one version per response");
+                    }
+                    "continue" => {
+                        assert_eq!(fin["finish_reason"], "length");
+                        assert!(
+                            versions.windows(2).all(|w| w[0] <= w[1]),
+                            "versions only move forward"
+                        );
+                        spanning += (distinct.len() > 1) as usize;
+                    }
+                    _ => {
+                        if fin["finish_reason"] == "abort" {
+                            aborted += 1;
+                        } else {
+                            assert_eq!(fin["finish_reason"], "length");
+                            assert_eq!(distinct.len(), 1);
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("{mode}: {aborted} aborted, {spanning} spanning versions");
+        if mode == "abort" {
+            assert!(aborted > 0, "abort mode aborts in-flight requests");
+        }
+    }
+    // A continue-mode response reports its spans.
+    let url = s.url("/v1/completions");
+    let h = std::thread::spawn(move || {
+        post(
+            &client(),
+            &url,
+            &json!({"prompt": "span", "max_tokens": 400, "temperature": 0, "ignore_eos": true}),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let (st, _) = admin_post(
+        &s.url("/update_weights?mode=continue&weight_version=1000"),
+        bodies[0].clone(),
+    );
+    assert_eq!(st, 200);
+    let (_, r) = h.join().unwrap();
+    let ch = &r["choices"][0];
+    assert_eq!(ch["weight_version"], 1000);
+    if let Some(spans) = ch["weight_versions"].as_array() {
+        assert_eq!(spans.last().unwrap()["version"], 1000);
+        assert_eq!(spans[0]["start"], 0);
+        assert_eq!(spans.last().unwrap()["end"], 400);
+        for w in spans.windows(2) {
+            assert_eq!(w[0]["end"], w[1]["start"]);
+        }
+    }
+}

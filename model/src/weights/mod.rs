@@ -117,6 +117,10 @@ pub trait TensorSource: Send + Sync {
     fn tensor_infos(&self) -> Vec<(String, TensorInfo)>;
     /// The values of one tensor, widened or dequantised to f32.
     fn read_f32(&self, name: &str) -> Result<Vec<f32>, WeightError>;
+    /// The stored little-endian bytes of an F32/F16/BF16 tensor, when the source can lend them.
+    fn raw_bytes(&self, _name: &str) -> Option<(SourceDType, &[u8])> {
+        None
+    }
 }
 
 /// One parameter the model expects: HF name and shape.
@@ -230,6 +234,24 @@ pub struct Checkpoint {
     pub tensors: Box<dyn TensorSource>,
     /// The GGUF file, when the checkpoint is one (it also carries the tokenizer).
     pub gguf: Option<std::sync::Arc<GgufFile>>,
+}
+
+/// Opens only the tensors at `path` (a `.gguf` file, a `.safetensors` file, or a directory of
+/// safetensors), with no config needed: what a weight update reads.
+pub fn open_tensors(path: &Path) -> Result<Box<dyn TensorSource>, WeightError> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let g = std::sync::Arc::new(GgufFile::open(path)?);
+        return Ok(Box::new(gguf::GgufTensors(g)));
+    }
+    if path.is_file() {
+        return Ok(Box::new(SafetensorsCheckpoint::open_files(&[
+            path.to_path_buf()
+        ])?));
+    }
+    if path.is_dir() {
+        return Ok(Box::new(SafetensorsCheckpoint::open_dir(path)?));
+    }
+    Err(WeightError::NotAModel(path.display().to_string()))
 }
 
 impl Checkpoint {

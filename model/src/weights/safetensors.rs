@@ -189,6 +189,15 @@ pub fn bytes_to_f32(dtype: SourceDType, bytes: &[u8]) -> Option<Vec<f32>> {
 }
 
 impl TensorSource for SafetensorsCheckpoint {
+    fn raw_bytes(&self, name: &str) -> Option<(SourceDType, &[u8])> {
+        let e = self.entries.get(name)?;
+        matches!(
+            e.info.dtype,
+            SourceDType::F32 | SourceDType::F16 | SourceDType::Bf16
+        )
+        .then(|| (e.info.dtype, &self.files[e.file][e.range.clone()]))
+    }
+
     fn tensor_infos(&self) -> Vec<(String, TensorInfo)> {
         self.order
             .iter()

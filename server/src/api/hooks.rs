@@ -228,8 +228,8 @@ pub async fn update_weights_from_disk(
             let _serial = st.update_lock.lock().await;
             let mut staging = st.engine.new_staging();
             let staging = tokio::task::spawn_blocking(move || {
-                let ck = halfstep_model::Checkpoint::open(&path)?;
-                stage_source(&mut *staging, &*ck.tensors)?;
+                let tensors = halfstep_model::weights::open_tensors(&path)?;
+                stage_source(&mut *staging, &*tensors)?;
                 Ok::<_, halfstep_model::WeightError>(staging)
             })
             .await
@@ -260,14 +260,16 @@ pub async fn update_weights(
             let version = parse_version(q.weight_version.map(VersionArg::Text).as_ref())?;
             let mut session = st.update_lock.lock().await;
             let stream = body.into_data_stream();
-            if let Some(staging) = session.as_mut() {
+            if let Some(staging) = session.take() {
                 // Part of a multi-part update: stage only.
-                if let Err(e) = stage_stream(stream, &mut **staging).await {
-                    *session = None;
-                    return Err(weight_error(format!(
-                        "{e}; the multi-part update was discarded"
-                    )));
-                }
+                let staging = match stage_stream(stream, staging).await {
+                    Ok((s, _)) => session.insert(s),
+                    Err(e) => {
+                        return Err(weight_error(format!(
+                            "{e}; the multi-part update was discarded"
+                        )))
+                    }
+                };
                 let (n, b) = (staging.len(), staging.bytes());
                 return Ok(UpdateResponse {
                     success: true,
@@ -284,8 +286,7 @@ pub async fn update_weights(
                     },
                 });
             }
-            let mut staging = st.engine.new_staging();
-            stage_stream(stream, &mut *staging)
+            let (staging, _) = stage_stream(stream, st.engine.new_staging())
                 .await
                 .map_err(weight_error)?;
             swap(&st, staging, version, mode, t0).await

@@ -1,6 +1,7 @@
 //! Staged tensors in the run dtype, checked one by one as they arrive, and a read-only view of
 //! the serving weights.
 
+use halfstep_model::dtype::ElemKind;
 use halfstep_model::forward::to_run_dtype;
 use halfstep_model::weights::{
     expected_tensors, is_ignorable, SourceDType, TensorSource, WeightError,
@@ -12,11 +13,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Tensors being collected for one update, already in the run dtype.
-pub trait Staging: Send {
+pub trait Staging: Send + Sync {
     /// Checks and converts one tensor (HF name, shape, f32 values); duplicates replace.
     fn add(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<(), WeightError>;
     /// Checks a tensor's name, shape and dtype before its data is read.
     fn check(&self, name: &str, shape: &[usize], dtype: SourceDType) -> Result<(), WeightError>;
+    /// Checks and converts one tensor given as little-endian bytes of `dtype`.
+    fn add_bytes(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: SourceDType,
+        bytes: &[u8],
+    ) -> Result<(), WeightError>;
     /// Tensors staged so far.
     fn len(&self) -> usize;
     /// Whether nothing is staged.
@@ -112,6 +121,30 @@ impl<T: Elem> Staging for TypedStaging<T> {
         Ok(())
     }
 
+    fn add_bytes(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: SourceDType,
+        bytes: &[u8],
+    ) -> Result<(), WeightError> {
+        let t0 = Instant::now();
+        self.check(name, shape, dtype)?;
+        if is_ignorable(name, &self.config) {
+            return Ok(());
+        }
+        let data = Arc::new(bytes_to_elems::<T>(name, dtype, bytes)?);
+        self.bytes += data.len() * std::mem::size_of::<T>();
+        if let Some(slot) = self.tensors.iter_mut().find(|(n, _)| n == name) {
+            self.bytes -= slot.1.len() * std::mem::size_of::<T>();
+            slot.1 = data;
+        } else {
+            self.tensors.push((name.to_string(), data));
+        }
+        self.elapsed += t0.elapsed();
+        Ok(())
+    }
+
     fn len(&self) -> usize {
         self.tensors.len()
     }
@@ -134,6 +167,79 @@ impl<T: Elem> Staging for TypedStaging<T> {
     }
 }
 
+/// Converts little-endian `bytes` of `dtype` to `T` in one pass, rejecting non-finite values.
+fn bytes_to_elems<T: Elem>(
+    name: &str,
+    dtype: SourceDType,
+    bytes: &[u8],
+) -> Result<Vec<T>, WeightError> {
+    let width = match dtype {
+        SourceDType::F32 => 4,
+        SourceDType::F16 | SourceDType::Bf16 => 2,
+        _ => {
+            return Err(WeightError::DType {
+                name: name.to_string(),
+                dtype: dtype.to_string(),
+            });
+        }
+    };
+    let same = matches!(
+        (dtype, T::KIND),
+        (SourceDType::F16, ElemKind::F16)
+            | (SourceDType::Bf16, ElemKind::Bf16)
+            | (SourceDType::F32, ElemKind::F32)
+    );
+    if same {
+        // Already in the run dtype: copy the bits, checking the exponent for inf/NaN.
+        let n = bytes.len() / width;
+        let mut out: Vec<T> = Vec::with_capacity(n);
+        let (exp_mask, bad) = match T::KIND {
+            ElemKind::F16 => (0x7c00u32, 0x7c00u32),
+            ElemKind::Bf16 => (0x7f80, 0x7f80),
+            ElemKind::F32 => (0x7f80_0000, 0x7f80_0000),
+        };
+        for (i, c) in bytes.chunks_exact(width).enumerate() {
+            let bits = if width == 2 {
+                u16::from_le_bytes([c[0], c[1]]) as u32
+            } else {
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+            };
+            if bits & exp_mask == bad {
+                return Err(WeightError::NonFinite {
+                    name: name.to_string(),
+                    index: i,
+                });
+            }
+            // SAFETY: T has the same size and bit layout as the source element (checked above).
+            out.push(unsafe {
+                if width == 2 {
+                    std::mem::transmute_copy::<u16, T>(&(bits as u16))
+                } else {
+                    std::mem::transmute_copy::<u32, T>(&bits)
+                }
+            });
+        }
+        return Ok(out);
+    }
+    let mut out = Vec::with_capacity(bytes.len() / width);
+    for (i, c) in bytes.chunks_exact(width).enumerate() {
+        let x = match dtype {
+            SourceDType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            SourceDType::F16 => half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+            _ => half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+        };
+        let t = T::from_f32(x);
+        if !t.to_f32().is_finite() {
+            return Err(WeightError::NonFinite {
+                name: name.to_string(),
+                index: i,
+            });
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
 /// Stages every tensor of a checkpoint on disk (any subset of the model's tensors).
 pub fn stage_source(staging: &mut dyn Staging, src: &dyn TensorSource) -> Result<(), WeightError> {
     let infos = src.tensor_infos();
@@ -141,8 +247,12 @@ pub fn stage_source(staging: &mut dyn Staging, src: &dyn TensorSource) -> Result
         staging.check(name, &info.shape, info.dtype)?;
     }
     for (name, info) in infos {
-        let values = src.read_f32(&name)?;
-        staging.add(&name, &info.shape, &values)?;
+        if let Some((dtype, bytes)) = src.raw_bytes(&name) {
+            staging.add_bytes(&name, &info.shape, dtype, bytes)?;
+        } else {
+            let values = src.read_f32(&name)?;
+            staging.add(&name, &info.shape, &values)?;
+        }
     }
     Ok(())
 }

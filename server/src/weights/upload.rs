@@ -4,7 +4,6 @@
 
 use super::staging::Staging;
 use futures::{Stream, StreamExt};
-use halfstep_model::weights::safetensors::bytes_to_f32;
 use halfstep_model::weights::{SourceDType, WeightError};
 use serde_json::Value;
 
@@ -94,8 +93,21 @@ fn parse_dtype(s: &str) -> SourceDType {
     }
 }
 
-/// Stages every tensor of the safetensors file in `body`; returns the bytes read.
-pub async fn stage_stream<S, B, E>(body: S, staging: &mut dyn Staging) -> Result<u64, WeightError>
+/// A tensor read from the body, on its way to the converter thread.
+struct Received {
+    name: String,
+    shape: Vec<usize>,
+    dtype: SourceDType,
+    bytes: Vec<u8>,
+}
+
+/// Stages every tensor of the safetensors file in `body`; returns the staging and the bytes
+/// read. Names, shapes and dtypes are checked from the header before any data is read; the
+/// conversion of each tensor runs on its own thread while the next one is received.
+pub async fn stage_stream<S, B, E>(
+    body: S,
+    staging: Box<dyn Staging>,
+) -> Result<(Box<dyn Staging>, u64), WeightError>
 where
     S: Stream<Item = Result<B, E>> + Unpin,
     B: AsRef<[u8]>,
@@ -107,6 +119,34 @@ where
         pos: 0,
         consumed: 0,
     };
+    let entries = read_header(&mut r, &*staging).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Received>(2);
+    let converter = std::thread::spawn(move || {
+        let mut staging = staging;
+        while let Some(t) = rx.blocking_recv() {
+            staging.add_bytes(&t.name, &t.shape, t.dtype, &t.bytes)?;
+        }
+        Ok::<_, WeightError>(staging)
+    });
+    let read = read_data(&mut r, &entries, tx).await;
+    let converted = converter
+        .join()
+        .map_err(|_| bad("the weight converter thread panicked"))?;
+    // A conversion error explains a read that stopped early: report it first.
+    let staging = converted?;
+    read?;
+    Ok((staging, r.consumed))
+}
+
+async fn read_header<S, B, E>(
+    r: &mut Reader<S>,
+    staging: &dyn Staging,
+) -> Result<Vec<Entry>, WeightError>
+where
+    S: Stream<Item = Result<B, E>> + Unpin,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
     let n = u64::from_le_bytes(
         r.take(8, "the header length")
             .await?
@@ -153,7 +193,7 @@ where
                 "tensor '{name}': data_offsets do not match shape {shape:?}"
             )));
         }
-        // Reject before reading: wrong name, shape or dtype.
+        // Reject before reading any data: wrong name, shape or dtype.
         staging.check(&name, &shape, dtype)?;
         entries.push(Entry {
             name,
@@ -164,8 +204,21 @@ where
         });
     }
     entries.sort_by_key(|e| e.start);
+    Ok(entries)
+}
+
+async fn read_data<S, B, E>(
+    r: &mut Reader<S>,
+    entries: &[Entry],
+    tx: tokio::sync::mpsc::Sender<Received>,
+) -> Result<(), WeightError>
+where
+    S: Stream<Item = Result<B, E>> + Unpin,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
     let mut at = 0u64;
-    for e in &entries {
+    for e in entries {
         if e.start != at {
             return Err(bad(format!(
                 "tensor '{}' does not start where the previous one ends",
@@ -175,16 +228,20 @@ where
         let bytes = r
             .take((e.end - e.start) as usize, &format!("tensor '{}'", e.name))
             .await?;
-        let values = bytes_to_f32(e.dtype, &bytes).ok_or_else(|| WeightError::DType {
+        let t = Received {
             name: e.name.clone(),
-            dtype: e.dtype.to_string(),
-        })?;
-        drop(bytes);
-        staging.add(&e.name, &e.shape, &values)?;
+            shape: e.shape.clone(),
+            dtype: e.dtype,
+            bytes,
+        };
+        if tx.send(t).await.is_err() {
+            // The converter stopped on a bad tensor; its error is the answer.
+            return Ok(());
+        }
         at = e.end;
     }
     if !r.at_end().await? {
         return Err(bad("trailing bytes after the last tensor"));
     }
-    Ok(r.consumed)
+    Ok(())
 }

@@ -419,6 +419,11 @@ fn pause_abort_wait_keep_and_resume() {
     assert_eq!(st, 503);
     assert_eq!(admin_get(&s.url("/is_paused")), json!({"is_paused": true}));
     assert_eq!(
+        client().get(s.url("/health")).send().unwrap().status(),
+        200,
+        "a paused server is healthy"
+    );
+    assert_eq!(
         admin_post(&s.url("/resume"), vec![]).1,
         json!({"is_paused": false})
     );

@@ -91,13 +91,13 @@ fn main() {
         println!("default model not found: run scripts/fetch-default-model.sh");
         return;
     };
-    let (e, loaded) = loader::start(
-        &path,
-        halfstep_model::DType::Float16,
-        EngineConfig::default(),
-        &mut |_, _| {},
-    )
-    .expect("loading the default model");
+    let metrics = std::sync::Arc::new(halfstep_server::metrics::Metrics::new("bench", 8192));
+    let cfg = EngineConfig {
+        metrics: Some(metrics),
+        ..EngineConfig::default()
+    };
+    let (e, loaded) = loader::start(&path, halfstep_model::DType::Float16, cfg, &mut |_, _| {})
+        .expect("loading the default model");
     println!(
         "engine bench: {} in {}, {} threads, SIMD {:?}",
         path.display(),
@@ -115,6 +115,29 @@ fn main() {
         let (tps, ttft) = throughput(&e, c, 32, 64, round as u32 + 1);
         println!("{c:>12} {tps:>16.1} {:>14.1}", ttft.as_secs_f64() * 1e3);
     }
+    // Metrics cost: the same load with and without a scraper rendering /metrics every 100 ms.
+    let metrics = e.metrics().expect("bench engine keeps metrics");
+    let (quiet, _) = throughput(&e, 32, 32, 64, 90);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let (m, stop) = (metrics.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::black_box(m.render());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            n
+        })
+    };
+    let (scraped, _) = throughput(&e, 32, 32, 64, 91);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.join().unwrap();
+    println!(
+        "\n32 streams: {quiet:.1} tok/s without a scraper, {scraped:.1} tok/s with /metrics rendered every 100 ms ({scrapes} scrapes): ratio {:.3}",
+        scraped / quiet
+    );
     let p512 = prompt(424_242, 512);
     let cold = time_to_first_token(&e, "ttft-cold", p512.clone());
     let warm = time_to_first_token(&e, "ttft-warm", p512);

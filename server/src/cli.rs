@@ -3,6 +3,7 @@
 use crate::api::{self, ApiConfig, AppState};
 use crate::engine::{EngineConfig, LogprobsMode, RequestOutput, SamplingParams};
 use crate::loader;
+use crate::metrics::Metrics;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use halfstep_model::DType;
@@ -201,10 +202,14 @@ impl EngineArgs {
             logprobs_mode: mode,
             seed: self.seed,
             enable_prefix_caching: !self.no_enable_prefix_caching,
+            metrics: None,
         })
     }
 
-    fn start(&self) -> anyhow::Result<(crate::engine::EngineHandle, loader::LoadedModel, PathBuf)> {
+    fn start(
+        &self,
+        metrics: Option<Arc<Metrics>>,
+    ) -> anyhow::Result<(crate::engine::EngineHandle, loader::LoadedModel, PathBuf)> {
         let path = self.model_path()?;
         let dtype = self.dtype()?;
         tracing::info!("loading {} in {dtype}", path.display());
@@ -214,7 +219,11 @@ impl EngineArgs {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let t0 = std::time::Instant::now();
-        let (engine, loaded) = loader::start(&path, dtype, self.engine_config()?, &mut |d, t| {
+        let cfg = EngineConfig {
+            metrics,
+            ..self.engine_config()?
+        };
+        let (engine, loaded) = loader::start(&path, dtype, cfg, &mut |d, t| {
             bar.set_length(t as u64);
             bar.set_position(d as u64);
         })?;
@@ -237,13 +246,18 @@ impl EngineArgs {
 
 /// Runs `halfstep serve` until SIGINT/SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (engine, _loaded, path) = args.engine.start()?;
+    let path = args.engine.model_path()?;
     let name = args.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem()
             .or(path.file_name())
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
+    let metrics = Arc::new(Metrics::new(
+        &name,
+        args.engine.max_model_len.unwrap_or(131_072),
+    ));
+    let (engine, _loaded, path) = args.engine.start(Some(metrics.clone()))?;
     let cfg = ApiConfig {
         served_model_name: name,
         model_root: path.display().to_string(),
@@ -264,7 +278,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             bail!("--allowed-weight-dir {} is not a directory", d.display());
         }
     }
-    let state = Arc::new(AppState::new(engine.clone(), &cfg));
+    let state = Arc::new(AppState::new(engine.clone(), &cfg).with_metrics(metrics));
     let app = api::router(state.clone(), &cfg);
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr)
@@ -304,7 +318,7 @@ async fn shutdown_signal(state: Arc<AppState>) {
 
 /// Runs `halfstep generate`, streaming text to stdout.
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let (engine, _, _) = args.engine.start()?;
+    let (engine, _, _) = args.engine.start(None)?;
     let tok = engine.tokenizer().clone();
     let text = if args.chat {
         let msgs = serde_json::json!([{"role": "user", "content": args.prompt}]);

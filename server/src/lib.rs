@@ -4,4 +4,5 @@ pub mod api;
 pub mod cli;
 pub mod engine;
 pub mod loader;
+pub mod metrics;
 pub mod weights;

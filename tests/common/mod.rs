@@ -18,7 +18,10 @@ pub struct Server {
 pub fn tiny_model() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("halfstep-http-tiny-{}", std::process::id()));
     if !dir.join("model.safetensors").exists() {
-        let tmp = dir.with_extension("tmp");
+        // Tests of one binary run in parallel threads: each writes its own copy, one wins.
+        let tmp = dir.with_extension(
+            format!("tmp-{:?}", std::thread::current().id()).replace(['(', ')'], ""),
+        );
         let ok = Command::new(env!("CARGO_BIN_EXE_halfstep"))
             .args(["tiny-model"])
             .arg(&tmp)

@@ -96,12 +96,76 @@ pub struct UpdateResponse {
 pub struct UpdateTimings {
     /// Reading, converting and validating the tensors.
     pub stage_s: f64,
+    /// The part of `stage_s` spent checking names, shapes and dtypes.
+    pub validate_s: f64,
     /// Waiting for in-flight requests (`wait` mode).
     pub wait_s: f64,
     /// The swap itself.
     pub swap_s: f64,
     /// End to end.
     pub total_s: f64,
+}
+
+/// `POST /v1/mismatch_report`: a trainer's sampler/learner mismatch figures.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct MismatchReport {
+    /// The precision measured (`float16`, `bfloat16`, `float32`).
+    pub dtype: String,
+    /// Which learner recomputed the logprobs (`parity`, `independent`, `torch`...).
+    pub learner: Option<String>,
+    /// max |a − b|.
+    pub max_abs: f64,
+    /// mean |a − b|.
+    pub mean_abs: f64,
+    /// mean (a − b).
+    pub k1: Option<f64>,
+    /// mean (r − 1 − log r).
+    pub k3: Option<f64>,
+    /// min exp(b − a).
+    pub ratio_min: Option<f64>,
+    /// max exp(b − a).
+    pub ratio_max: Option<f64>,
+}
+
+/// Record a trainer's mismatch figures in the metrics (`halfstep_mismatch_*`).
+#[utoipa::path(post, path = "/v1/mismatch_report", request_body = MismatchReport,
+    responses((status = 200, body = SuccessResponse), (status = 400, body = super::protocol::ErrorResponse)), tag = "trainer")]
+pub async fn mismatch_report(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(
+        async {
+            let r: MismatchReport = parse_json(body)?;
+            let learner = r.learner.clone().unwrap_or_else(|| "parity".into());
+            let values = [
+                Some(r.max_abs),
+                Some(r.mean_abs),
+                r.k1,
+                r.k3,
+                r.ratio_min,
+                r.ratio_max,
+            ];
+            if values.iter().flatten().any(|v| !v.is_finite()) {
+                return Err(ApiError::bad_request(
+                    "mismatch figures must be finite numbers",
+                ));
+            }
+            if let Some(m) = &st.metrics {
+                for ((_, g), v) in m.mismatch.iter().zip(values) {
+                    if let Some(v) = v {
+                        g.with_label_values(&[&r.dtype, &learner]).set(v);
+                    }
+                }
+                m.mismatch_reports.inc();
+            }
+            Ok(SuccessResponse {
+                success: true,
+                message: "recorded".into(),
+            })
+        }
+        .await,
+    )
 }
 
 /// `{success, message}`.
@@ -137,7 +201,12 @@ async fn swap(
         return Err(ApiError::bad_request("the update holds no tensors"));
     }
     let staged = staging.finish();
-    let (count, bytes, stage) = (staged.count, staged.bytes, staged.stage_time);
+    let (count, bytes, stage, validate) = (
+        staged.count,
+        staged.bytes,
+        staged.stage_time,
+        staged.validate_time,
+    );
     let r: UpdateReport = st
         .engine
         .update_weights(staged, version, mode)
@@ -151,7 +220,10 @@ async fn swap(
     );
     Ok(UpdateResponse {
         success: true,
-        message: format!("updated {count} tensors"),
+        message: format!(
+            "updated {count} tensor{}",
+            if count == 1 { "" } else { "s" }
+        ),
         weight_version: r.weight_version,
         num_paused_requests: 0,
         num_aborted_requests: r.aborted,
@@ -159,11 +231,47 @@ async fn swap(
         num_bytes: bytes,
         timings: UpdateTimings {
             stage_s: stage.as_secs_f64(),
+            validate_s: validate.as_secs_f64(),
             wait_s: r.wait_time.as_secs_f64(),
             swap_s: r.swap_time.as_secs_f64(),
             total_s: t0.elapsed().as_secs_f64(),
         },
     })
+}
+
+/// Records an update's outcome and phase times in the metrics, then answers.
+fn respond_update(
+    st: &AppState,
+    op: &str,
+    t0: Instant,
+    r: Result<UpdateResponse, ApiError>,
+) -> Response {
+    if let Some(m) = &st.metrics {
+        m.rl_operation_duration
+            .with_label_values(&[op])
+            .observe(t0.elapsed().as_secs_f64());
+        match &r {
+            // A part of a multi-part update only stages; the update is counted at finish.
+            Ok(u) if u.message.starts_with("staged") => {}
+            Ok(u) => {
+                m.weight_updates.with_label_values(&["success"]).inc();
+                m.weight_bytes_loaded.inc_by(u.num_bytes as u64);
+                let t = &u.timings;
+                for (phase, v) in [
+                    ("stage", t.stage_s - t.validate_s),
+                    ("validate", t.validate_s),
+                    ("wait", t.wait_s),
+                    ("swap", t.swap_s),
+                ] {
+                    m.weight_update_duration
+                        .with_label_values(&[phase])
+                        .observe(v.max(0.0));
+                }
+            }
+            Err(_) => m.weight_updates.with_label_values(&["rejected"]).inc(),
+        }
+    }
+    respond(r)
 }
 
 fn respond<T: Serialize>(r: Result<T, ApiError>) -> Response {
@@ -214,7 +322,11 @@ pub async fn update_weights_from_disk(
     State(st): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    respond(
+    let t_op = Instant::now();
+    respond_update(
+        &st,
+        "update_weights_from_disk",
+        t_op,
         async {
             let t0 = Instant::now();
             let req: UpdateFromDiskRequest = parse_json(body)?;
@@ -225,7 +337,13 @@ pub async fn update_weights_from_disk(
                 None if req.abort_all_requests == Some(true) => UpdateMode::Abort,
                 None => UpdateMode::Wait,
             };
-            let _serial = st.update_lock.lock().await;
+            let session = st.update_lock.lock().await;
+            if session.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "a multi-part weight update is open: finish it first",
+                ));
+            }
             let mut staging = st.engine.new_staging();
             let staging = tokio::task::spawn_blocking(move || {
                 let tensors = halfstep_model::weights::open_tensors(&path)?;
@@ -253,13 +371,23 @@ pub async fn update_weights(
     Query(q): Query<UpdateQuery>,
     body: Body,
 ) -> Response {
-    respond(
+    let t_op = Instant::now();
+    respond_update(
+        &st,
+        "update_weights",
+        t_op,
         async {
             let t0 = Instant::now();
             let mode = update_mode(q.mode.as_deref())?;
-            let version = parse_version(q.weight_version.map(VersionArg::Text).as_ref())?;
+            let version = parse_version(q.weight_version.clone().map(VersionArg::Text).as_ref())?;
             let mut session = st.update_lock.lock().await;
             let stream = body.into_data_stream();
+            if session.is_some() && (q.mode.is_some() || q.weight_version.is_some()) {
+                return Err(ApiError::invalid_param(
+                    "weight_version",
+                    "a multi-part update is open: give weight_version and mode to /finish_weight_update",
+                ));
+            }
             if let Some(staging) = session.take() {
                 // Part of a multi-part update: stage only.
                 let staging = match stage_stream(stream, staging).await {
@@ -322,11 +450,15 @@ pub async fn finish_weight_update(
     State(st): State<Arc<AppState>>,
     Query(q): Query<UpdateQuery>,
 ) -> Response {
-    respond(
+    let t_op = Instant::now();
+    respond_update(
+        &st,
+        "finish_weight_update",
+        t_op,
         async {
             let t0 = Instant::now();
             let mode = update_mode(q.mode.as_deref())?;
-            let version = parse_version(q.weight_version.map(VersionArg::Text).as_ref())?;
+            let version = parse_version(q.weight_version.clone().map(VersionArg::Text).as_ref())?;
             let mut session = st.update_lock.lock().await;
             let staging = session.take().ok_or_else(|| {
                 ApiError::new(
@@ -358,6 +490,11 @@ pub struct PausedResponse {
 /// requests. New requests get 503 while paused in abort or wait mode.
 #[utoipa::path(post, path = "/pause", params(PauseQuery), responses((status = 200, body = PausedResponse), (status = 400, body = super::protocol::ErrorResponse)), tag = "trainer")]
 pub async fn pause(State(st): State<Arc<AppState>>, Query(q): Query<PauseQuery>) -> Response {
+    let _timer = st.metrics.as_ref().map(|m| {
+        m.rl_operation_duration
+            .with_label_values(&["pause"])
+            .start_timer()
+    });
     respond(
         async {
             let mode: PauseMode = q
@@ -366,9 +503,9 @@ pub async fn pause(State(st): State<Arc<AppState>>, Query(q): Query<PauseQuery>)
                 .unwrap_or("wait")
                 .parse()
                 .map_err(|e: String| ApiError::invalid_param("mode", e))?;
-            if mode != PauseMode::Keep {
-                st.reject_new.store(true, Ordering::Relaxed);
-            }
+            // The latest pause decides whether new requests are refused (keep queues them).
+            st.reject_new
+                .store(mode != PauseMode::Keep, Ordering::Relaxed);
             st.engine.pause(mode).await?;
             Ok(PausedResponse { is_paused: true })
         }
@@ -379,6 +516,11 @@ pub async fn pause(State(st): State<Arc<AppState>>, Query(q): Query<PauseQuery>)
 /// Resume generation.
 #[utoipa::path(post, path = "/resume", responses((status = 200, body = PausedResponse)), tag = "trainer")]
 pub async fn resume(State(st): State<Arc<AppState>>) -> Response {
+    let _timer = st.metrics.as_ref().map(|m| {
+        m.rl_operation_duration
+            .with_label_values(&["resume"])
+            .start_timer()
+    });
     respond(
         async {
             st.engine.resume().await?;
@@ -602,6 +744,12 @@ pub async fn score_logprobs(
                     return Err(ApiError::invalid_param(
                         "prompt_lengths",
                         "prompt_lengths must have one entry per sequence",
+                    ));
+                }
+                if let Some(i) = (0..p.len()).find(|&i| p[i] > req.sequences[i].len()) {
+                    return Err(ApiError::invalid_param(
+                        "prompt_lengths",
+                        format!("prompt_lengths[{i}] exceeds the length of sequences[{i}]"),
                     ));
                 }
             }

@@ -116,12 +116,18 @@ pub async fn detokenize(
     }
 }
 
-/// 200 when the engine is serving, 503 otherwise.
+/// 200 while the server runs (also while paused), 503 once it is shutting down.
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "Ready"), (status = 503, description = "Not ready", body = super::protocol::ErrorResponse)), tag = "ops")]
 pub async fn health(State(st): State<Arc<AppState>>) -> Response {
-    match st.ready() {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => e.into_response(),
+    // A paused server is healthy: a liveness probe must not kill it during a weight sync.
+    if st.accepting.load(std::sync::atomic::Ordering::Relaxed) {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        )
+        .into_response()
     }
 }
 

@@ -73,6 +73,8 @@ pub struct AppState {
     pub hooks_enabled: bool,
     /// Canonical `--allowed-weight-dir`.
     pub allowed_weight_dir: Option<std::path::PathBuf>,
+    /// Prometheus metrics (`/metrics`), if the server keeps them.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Serialises weight updates; holds the staging of an open multi-part update.
     pub update_lock: tokio::sync::Mutex<Option<Box<dyn crate::weights::Staging>>>,
     next_id: AtomicU64,
@@ -96,8 +98,15 @@ impl AppState {
                 .as_ref()
                 .and_then(|d| d.canonicalize().ok()),
             update_lock: tokio::sync::Mutex::new(None),
+            metrics: None,
             next_id: AtomicU64::new(0),
         }
+    }
+
+    /// The same state exporting `metrics` at `/metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> AppState {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Unix seconds now.
@@ -207,6 +216,45 @@ async fn require_admin(State(st): State<Arc<AppState>>, req: Request, next: Next
     }
 }
 
+/// The Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")), tag = "ops")]
+pub async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    match &st.metrics {
+        Some(m) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            m.render(),
+        )
+            .into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "metrics are off").into_response(),
+    }
+}
+
+/// Counts requests and their latency by route (`http_requests_total`, `http_request_duration_seconds`).
+async fn http_metrics(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(m) = st.metrics.clone() else {
+        return next.run(req).await;
+    };
+    let handler = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "none".to_string());
+    let method = req.method().as_str().to_string();
+    let t0 = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = format!("{}xx", resp.status().as_u16() / 100);
+    m.http_requests
+        .with_label_values(&[&handler, &status, &method])
+        .inc();
+    m.http_request_duration
+        .with_label_values(&[&handler, &method])
+        .observe(t0.elapsed().as_secs_f64());
+    resp
+}
+
 /// Rewrites error responses made outside our handlers (body limit, timeout, unknown route,
 /// wrong method) into the OpenAI error shape.
 async fn json_errors(req: Request, next: Next) -> Response {
@@ -271,6 +319,7 @@ pub fn router(state: Arc<AppState>, cfg: &ApiConfig) -> Router {
         .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/logprobs", post(hooks::score_logprobs))
         .route("/v1/models", get(misc::list_models))
+        .route("/v1/mismatch_report", post(hooks::mismatch_report))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -282,7 +331,7 @@ pub fn router(state: Arc<AppState>, cfg: &ApiConfig) -> Router {
         .route("/health", get(misc::health))
         .route("/ping", get(misc::ping).post(misc::ping))
         .route("/version", get(misc::version))
-        // `/metrics` is merged here by its own module.
+        .route("/metrics", get(metrics_text))
         .layer(RequestBodyLimitLayer::new(cfg.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             cfg.max_body_bytes,
@@ -312,6 +361,7 @@ pub fn router(state: Arc<AppState>, cfg: &ApiConfig) -> Router {
         .merge(inference)
         .merge(trainer)
         .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(state.clone(), http_metrics))
         .layer(CorsLayer::permissive())
         .layer(middleware::from_fn(json_errors))
         .with_state(state)

@@ -27,6 +27,8 @@ use utoipa::OpenApi;
         super::hooks::weight_info,
         super::hooks::get_weights_by_name,
         super::hooks::reset_prefix_cache,
+        super::hooks::mismatch_report,
+        super::metrics_text,
     ),
     components(schemas(
         Prompt, Stop, StreamOptions, SamplingFields, CompletionRequest, ChatMessage,
@@ -39,7 +41,7 @@ use utoipa::OpenApi;
         super::hooks::UpdateResponse, super::hooks::UpdateTimings, super::hooks::SuccessResponse,
         super::hooks::PausedResponse, super::hooks::WeightInfo, super::hooks::TensorShape,
         super::hooks::LogprobsRequest, super::hooks::TopLogprob, super::hooks::SequenceLogprobs,
-        super::hooks::LogprobsResponse
+        super::hooks::LogprobsResponse, super::hooks::MismatchReport
     )),
     tags((name = "inference", description = "Completions, chat, tokenizer"), (name = "ops", description = "Health and version"), (name = "trainer", description = "Trainer hooks: weight updates, pause/resume, weight info (admin key)"))
 )]

@@ -10,6 +10,7 @@ use super::sampler::{sample, token_logprob, LogprobsMode, SampleContext, SeqRng,
 use super::sampling_params::SamplingParams;
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::{FinishReason, GeneratedToken, RequestInfo, SeqStatus, Sequence, StopReason};
+use crate::metrics::Metrics;
 use crate::weights::staging::TypedStaging;
 use crate::weights::{StagedUpdate, Staging, WeightsView};
 use halfstep_model::kernels::softmax::log_softmax;
@@ -18,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
@@ -44,6 +46,8 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Automatic prefix caching.
     pub enable_prefix_caching: bool,
+    /// Where the engine records Prometheus metrics, if anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +63,7 @@ impl Default for EngineConfig {
             logprobs_mode: LogprobsMode::Raw,
             seed: 0,
             enable_prefix_caching: true,
+            metrics: None,
         }
     }
 }
@@ -205,6 +210,7 @@ pub struct EngineHandle {
     tokenizer: Arc<Tokenizer>,
     new_staging: StagingFactory,
     config: Arc<ModelConfig>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl EngineHandle {
@@ -279,6 +285,7 @@ impl EngineHandle {
             prompt,
             params,
             stop_hold,
+            arrival: Instant::now(),
         });
         self.tx
             .send(Command::Add(Box::new(NewRequest { info, tx })))
@@ -294,6 +301,11 @@ impl EngineHandle {
     /// Stops the engine thread after the current step.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown);
+    }
+
+    /// The metrics the engine records into, if any.
+    pub fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.metrics.clone()
     }
 
     /// The served model's configuration.
@@ -389,6 +401,8 @@ pub(super) struct Engine<T: Elem> {
     pub(super) deferred: Vec<NewRequest>,
     /// `/pause?mode=wait` callers waiting for the engine to go idle.
     pub(super) drain_waiters: Vec<oneshot::Sender<()>>,
+    /// Cumulative counters as last published to the metrics: (prefix queries, hits, preemptions).
+    published: (u64, u64, u64),
 }
 
 /// Starts the engine thread for `model` and returns its handle.
@@ -438,6 +452,7 @@ pub fn start_engine<T: Elem>(
         .store(num_blocks as u64, Ordering::Relaxed);
     stats.all_blocks_free.store(true, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel();
+    let cfg_metrics = cfg.metrics.clone();
     let mut engine = Engine {
         model,
         tokenizer: tokenizer.clone(),
@@ -454,6 +469,7 @@ pub fn start_engine<T: Elem>(
         pending_update: None,
         deferred: Vec::new(),
         drain_waiters: Vec::new(),
+        published: (0, 0, 0),
     };
     std::thread::Builder::new()
         .name("halfstep-engine".into())
@@ -469,6 +485,7 @@ pub fn start_engine<T: Elem>(
             Box::new(TypedStaging::<T>::new(staging_config.clone())) as Box<dyn Staging>
         }),
         config: Arc::new(c),
+        metrics: cfg_metrics,
     }
 }
 
@@ -524,7 +541,7 @@ impl<T: Elem> Engine<T> {
         }
     }
 
-    pub(super) fn publish_stats(&self) {
+    pub(super) fn publish_stats(&mut self) {
         let s = &self.stats;
         let b = &self.sched.blocks;
         s.running
@@ -540,6 +557,51 @@ impl<T: Elem> Engine<T> {
         s.weight_version
             .store(self.weight_version, Ordering::Relaxed);
         s.paused.store(self.paused, Ordering::Relaxed);
+        if let Some(m) = self.cfg.metrics.as_deref() {
+            let total = b.num_blocks() as i64;
+            let free = b.num_free() as i64;
+            m.num_requests_running.set(self.sched.num_running() as i64);
+            m.num_requests_waiting
+                .set((self.sched.num_waiting() + self.deferred.len()) as i64);
+            m.num_requests_waiting_by_reason
+                .with_label_values(&["capacity"])
+                .set(self.sched.num_waiting() as i64);
+            m.num_requests_waiting_by_reason
+                .with_label_values(&["deferred"])
+                .set(self.deferred.len() as i64);
+            m.kv_blocks_total.set(total);
+            m.kv_blocks_free.set(free);
+            m.kv_cache_usage
+                .set(1.0 - free as f64 / total.max(1) as f64);
+            m.weight_version.set(self.weight_version as i64);
+            let now = (b.prefix_queries, b.prefix_hits, self.sched.num_preemptions);
+            m.prefix_cache_queries.inc_by(now.0 - self.published.0);
+            m.prefix_cache_hits.inc_by(now.1 - self.published.1);
+            m.num_preemptions.inc_by(now.2 - self.published.2);
+            self.published = now;
+        }
+    }
+
+    /// Records a finished (or aborted) sequence in the metrics.
+    fn record_finish(&self, seq: &Sequence, reason: FinishReason) {
+        let Some(m) = self.cfg.metrics.as_deref() else {
+            return;
+        };
+        let now = Instant::now();
+        m.request_success
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        m.e2e_request_latency
+            .observe((now - seq.request.arrival).as_secs_f64());
+        m.request_prompt_tokens.observe(seq.prompt_len() as f64);
+        m.request_generation_tokens
+            .observe(seq.generated.len() as f64);
+        if let Some(t) = seq.first_token_at {
+            m.request_decode_time.observe((now - t).as_secs_f64());
+        }
+        if let Some(t) = seq.first_scheduled {
+            m.request_inference_time.observe((now - t).as_secs_f64());
+        }
     }
 
     fn new_seq(&mut self, info: &Arc<RequestInfo>, index: usize, seed: u64) -> Sequence {
@@ -560,6 +622,9 @@ impl<T: Elem> Engine<T> {
             preemptions: 0,
             block_hashes: Vec::new(),
             cached_prompt_tokens: 0,
+            first_scheduled: None,
+            first_token_at: None,
+            last_token_at: None,
         }
     }
 
@@ -601,6 +666,7 @@ impl<T: Elem> Engine<T> {
         };
         for sid in st.seq_ids {
             if let Some(seq) = self.sched.remove(sid) {
+                self.record_finish(&seq, FinishReason::Abort);
                 if notify {
                     let _ = st.tx.send(RequestOutput::Sample(SampleOutput {
                         index: seq.sample_index,
@@ -629,6 +695,25 @@ impl<T: Elem> Engine<T> {
         }
         let plan = self.sched.schedule();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let metrics = self.cfg.metrics.clone();
+        for s in &plan.scheduled {
+            if let Some(seq) = self.sched.seqs.get_mut(&s.id) {
+                if seq.first_scheduled.is_none() {
+                    seq.first_scheduled = Some(now);
+                    if let Some(m) = &metrics {
+                        m.request_queue_time
+                            .observe((now - seq.request.arrival).as_secs_f64());
+                    }
+                }
+            }
+        }
+        if let Some(m) = &metrics {
+            if !plan.scheduled.is_empty() {
+                m.iteration_tokens
+                    .observe(plan.scheduled.iter().map(|s| s.len).sum::<usize>() as f64);
+            }
+        }
         if plan.scheduled.is_empty() {
             self.fail_unschedulable();
             return;
@@ -786,6 +871,7 @@ impl<T: Elem> Engine<T> {
                 sib.block_table = self.sched.blocks.fork(&leader.block_table);
                 sib.block_hashes = leader.block_hashes.clone();
                 sib.num_computed = leader.num_computed;
+                sib.first_scheduled = leader.first_scheduled;
                 sib.status = SeqStatus::Running;
                 ids.push(sib.id);
                 self.sched.add_running(sib);
@@ -805,6 +891,27 @@ impl<T: Elem> Engine<T> {
                 mode: self.cfg.logprobs_mode,
             };
             let s = sample(logits, &cx, &mut seq.rng);
+            let now = Instant::now();
+            if let Some(m) = self.cfg.metrics.as_deref() {
+                m.generation_tokens.inc();
+                match seq.last_token_at {
+                    Some(t) => m.inter_token_latency.observe((now - t).as_secs_f64()),
+                    None => {
+                        m.time_to_first_token
+                            .observe((now - seq.request.arrival).as_secs_f64());
+                        if seq.sample_index == 0 {
+                            m.prompt_tokens.inc_by(seq.prompt_len() as u64);
+                        }
+                        if let Some(f) = seq.first_scheduled {
+                            m.request_prefill_time.observe((now - f).as_secs_f64());
+                        }
+                    }
+                }
+            }
+            if seq.first_token_at.is_none() {
+                seq.first_token_at = Some(now);
+            }
+            seq.last_token_at = Some(now);
             seq.tokens.push(s.token);
             seq.generated.push(GeneratedToken {
                 token: s.token,
@@ -859,7 +966,11 @@ impl<T: Elem> Engine<T> {
             }
         }
         for sid in &finished {
-            self.sched.remove(*sid);
+            if let Some(seq) = self.sched.remove(*sid) {
+                if let SeqStatus::Finished(r) = seq.status {
+                    self.record_finish(&seq, r);
+                }
+            }
         }
         let st = self.requests.get_mut(req_id).expect("request exists");
         st.seq_ids.retain(|s| !finished.contains(s));

@@ -93,6 +93,12 @@ pub struct Sequence {
     pub block_hashes: Vec<super::block_manager::BlockHash>,
     /// Prompt tokens whose K/V came from the prefix cache when it was first scheduled.
     pub cached_prompt_tokens: usize,
+    /// When it was first scheduled.
+    pub first_scheduled: Option<std::time::Instant>,
+    /// When its first token was sampled.
+    pub first_token_at: Option<std::time::Instant>,
+    /// When its latest token was sampled.
+    pub last_token_at: Option<std::time::Instant>,
 }
 
 /// The parts of a request shared by its samples.
@@ -106,6 +112,8 @@ pub struct RequestInfo {
     pub params: SamplingParams,
     /// Longest stop string in bytes (text held back while streaming).
     pub stop_hold: usize,
+    /// When it was submitted.
+    pub arrival: std::time::Instant,
 }
 
 impl Sequence {

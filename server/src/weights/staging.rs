@@ -48,8 +48,10 @@ pub struct StagedUpdate {
     pub count: usize,
     /// Bytes in the run dtype.
     pub bytes: usize,
-    /// Time spent staging.
+    /// Time spent staging (conversion and checks).
     pub stage_time: Duration,
+    /// The part of it spent checking names, shapes, dtypes.
+    pub validate_time: Duration,
 }
 
 /// The typed staging buffer of a model in run dtype `T`.
@@ -59,6 +61,8 @@ pub struct TypedStaging<T: Elem> {
     tensors: Vec<(String, Arc<Vec<T>>)>,
     bytes: usize,
     elapsed: Duration,
+    // Nanoseconds in `check` (which takes &self, so an atomic).
+    validate_ns: std::sync::atomic::AtomicU64,
 }
 
 impl<T: Elem> TypedStaging<T> {
@@ -74,12 +78,18 @@ impl<T: Elem> TypedStaging<T> {
             tensors: Vec::new(),
             bytes: 0,
             elapsed: Duration::ZERO,
+            validate_ns: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
 
-impl<T: Elem> Staging for TypedStaging<T> {
-    fn check(&self, name: &str, shape: &[usize], dtype: SourceDType) -> Result<(), WeightError> {
+impl<T: Elem> TypedStaging<T> {
+    fn check_inner(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: SourceDType,
+    ) -> Result<(), WeightError> {
         if is_ignorable(name, &self.config) {
             return Ok(());
         }
@@ -103,7 +113,12 @@ impl<T: Elem> Staging for TypedStaging<T> {
         Ok(())
     }
 
-    fn add(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<(), WeightError> {
+    fn add_values(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
+    ) -> Result<(), WeightError> {
         let t0 = Instant::now();
         self.check(name, shape, SourceDType::F32)?;
         if is_ignorable(name, &self.config) {
@@ -119,6 +134,22 @@ impl<T: Elem> Staging for TypedStaging<T> {
         }
         self.elapsed += t0.elapsed();
         Ok(())
+    }
+}
+
+impl<T: Elem> Staging for TypedStaging<T> {
+    fn check(&self, name: &str, shape: &[usize], dtype: SourceDType) -> Result<(), WeightError> {
+        let t0 = Instant::now();
+        let r = self.check_inner(name, shape, dtype);
+        self.validate_ns.fetch_add(
+            t0.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        r
+    }
+
+    fn add(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<(), WeightError> {
+        self.add_values(name, shape, values)
     }
 
     fn add_bytes(
@@ -162,6 +193,9 @@ impl<T: Elem> Staging for TypedStaging<T> {
             count: self.tensors.len(),
             bytes: self.bytes,
             stage_time: self.elapsed,
+            validate_time: Duration::from_nanos(
+                self.validate_ns.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             tensors: Box::new(self.tensors),
         }
     }

@@ -35,12 +35,7 @@ impl IncrementalDetokenizer {
         stop: &[String],
         include_stop: bool,
     ) -> Option<StopMatch> {
-        let prefix = tok
-            .decode(&output[self.prefix_offset..self.read_offset], skip_special)
-            .unwrap_or_default();
-        let full = tok
-            .decode(&output[self.prefix_offset..], skip_special)
-            .unwrap_or_default();
+        let (prefix, full) = self.window(tok, output, skip_special);
         // An incomplete UTF-8 sequence decodes to U+FFFD: wait for the next token, but not
         // longer than a UTF-8 character can be (the bytes may simply be invalid).
         let waiting = output.len() - self.read_offset;
@@ -61,17 +56,21 @@ impl IncrementalDetokenizer {
         if self.read_offset >= output.len() {
             return;
         }
-        let prefix = tok
-            .decode(&output[self.prefix_offset..self.read_offset], skip_special)
-            .unwrap_or_default();
-        let full = tok
-            .decode(&output[self.prefix_offset..], skip_special)
-            .unwrap_or_default();
+        let (prefix, full) = self.window(tok, output, skip_special);
         if let Some(rest) = full.get(prefix.len()..) {
             self.text.push_str(rest);
         }
         self.prefix_offset = self.read_offset;
         self.read_offset = output.len();
+    }
+
+    /// The text already emitted as context, and the same plus the tokens not yet read.
+    fn window(&self, tok: &Tokenizer, output: &[u32], skip_special: bool) -> (String, String) {
+        let decode = |ids: &[u32]| tok.decode(ids, skip_special).unwrap_or_default();
+        (
+            decode(&output[self.prefix_offset..self.read_offset]),
+            decode(&output[self.prefix_offset..]),
+        )
     }
 
     fn find_stop(&mut self, stop: &[String], before: usize, include: bool) -> Option<StopMatch> {

@@ -3,6 +3,7 @@
 
 use halfstep_model::dtype::ElemKind;
 use halfstep_model::forward::to_run_dtype;
+use halfstep_model::weights::safetensors::bytes_to_f32;
 use halfstep_model::weights::{
     expected_tensors, is_ignorable, SourceDType, TensorSource, WeightError,
 };
@@ -124,7 +125,14 @@ impl<T: Elem> TypedStaging<T> {
         if is_ignorable(name, &self.config) {
             return Ok(());
         }
-        let data = Arc::new(to_run_dtype::<T>(name, values)?);
+        let data = to_run_dtype::<T>(name, values)?;
+        self.put(name, data, t0);
+        Ok(())
+    }
+
+    /// Stores a converted tensor (replacing an earlier one of the same name).
+    fn put(&mut self, name: &str, data: Vec<T>, t0: Instant) {
+        let data = Arc::new(data);
         self.bytes += data.len() * std::mem::size_of::<T>();
         if let Some(slot) = self.tensors.iter_mut().find(|(n, _)| n == name) {
             self.bytes -= slot.1.len() * std::mem::size_of::<T>();
@@ -133,7 +141,6 @@ impl<T: Elem> TypedStaging<T> {
             self.tensors.push((name.to_string(), data));
         }
         self.elapsed += t0.elapsed();
-        Ok(())
     }
 }
 
@@ -164,15 +171,8 @@ impl<T: Elem> Staging for TypedStaging<T> {
         if is_ignorable(name, &self.config) {
             return Ok(());
         }
-        let data = Arc::new(bytes_to_elems::<T>(name, dtype, bytes)?);
-        self.bytes += data.len() * std::mem::size_of::<T>();
-        if let Some(slot) = self.tensors.iter_mut().find(|(n, _)| n == name) {
-            self.bytes -= slot.1.len() * std::mem::size_of::<T>();
-            slot.1 = data;
-        } else {
-            self.tensors.push((name.to_string(), data));
-        }
-        self.elapsed += t0.elapsed();
+        let data = bytes_to_elems::<T>(name, dtype, bytes)?;
+        self.put(name, data, t0);
         Ok(())
     }
 
@@ -201,6 +201,41 @@ impl<T: Elem> Staging for TypedStaging<T> {
     }
 }
 
+// Weights are copied as raw little-endian bits.
+#[cfg(not(target_endian = "little"))]
+compile_error!("halfstep's weight staging assumes a little-endian host");
+
+/// Index of the first inf/NaN in `v`, from the exponent bits, in blocks the compiler vectorises.
+fn first_non_finite<T: Elem>(v: &[T]) -> Option<usize> {
+    fn scan<B: Copy + Into<u32>>(bits: &[B], mask: u32) -> Option<usize> {
+        const BLOCK: usize = 4096;
+        let bad = |b: &B| (*b).into() & mask == mask;
+        for (k, chunk) in bits.chunks(BLOCK).enumerate() {
+            if chunk.iter().fold(false, |acc, b| acc | bad(b)) {
+                return chunk.iter().position(bad).map(|i| k * BLOCK + i);
+            }
+        }
+        None
+    }
+    // SAFETY: f16/bf16 are 16-bit and f32 is 32-bit plain data; reading their bits is sound.
+    unsafe {
+        match T::KIND {
+            ElemKind::F16 => scan(
+                std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()),
+                0x7c00,
+            ),
+            ElemKind::Bf16 => scan(
+                std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()),
+                0x7f80,
+            ),
+            ElemKind::F32 => scan(
+                std::slice::from_raw_parts(v.as_ptr() as *const u32, v.len()),
+                0x7f80_0000,
+            ),
+        }
+    }
+}
+
 /// Converts little-endian `bytes` of `dtype` to `T` in one pass, rejecting non-finite values.
 fn bytes_to_elems<T: Elem>(
     name: &str,
@@ -224,54 +259,25 @@ fn bytes_to_elems<T: Elem>(
             | (SourceDType::F32, ElemKind::F32)
     );
     if same {
-        // Already in the run dtype: copy the bits, checking the exponent for inf/NaN.
+        // Already in the run dtype: one copy of the bits, then a scan of the exponents.
         let n = bytes.len() / width;
         let mut out: Vec<T> = Vec::with_capacity(n);
-        let (exp_mask, bad) = match T::KIND {
-            ElemKind::F16 => (0x7c00u32, 0x7c00u32),
-            ElemKind::Bf16 => (0x7f80, 0x7f80),
-            ElemKind::F32 => (0x7f80_0000, 0x7f80_0000),
-        };
-        for (i, c) in bytes.chunks_exact(width).enumerate() {
-            let bits = if width == 2 {
-                u16::from_le_bytes([c[0], c[1]]) as u32
-            } else {
-                u32::from_le_bytes([c[0], c[1], c[2], c[3]])
-            };
-            if bits & exp_mask == bad {
-                return Err(WeightError::NonFinite {
-                    name: name.to_string(),
-                    index: i,
-                });
-            }
-            // SAFETY: T has the same size and bit layout as the source element (checked above).
-            out.push(unsafe {
-                if width == 2 {
-                    std::mem::transmute_copy::<u16, T>(&(bits as u16))
-                } else {
-                    std::mem::transmute_copy::<u32, T>(&bits)
-                }
-            });
+        // SAFETY: T is f16/bf16/f32 with exactly `width` bytes of plain bits (checked above);
+        // little-endian hosts only (x86-64, aarch64), where the file's byte order is native.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr() as *mut u8, n * width);
+            out.set_len(n);
         }
-        return Ok(out);
-    }
-    let mut out = Vec::with_capacity(bytes.len() / width);
-    for (i, c) in bytes.chunks_exact(width).enumerate() {
-        let x = match dtype {
-            SourceDType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-            SourceDType::F16 => half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
-            _ => half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
-        };
-        let t = T::from_f32(x);
-        if !t.to_f32().is_finite() {
+        if let Some(i) = first_non_finite(&out) {
             return Err(WeightError::NonFinite {
                 name: name.to_string(),
                 index: i,
             });
         }
-        out.push(t);
+        return Ok(out);
     }
-    Ok(out)
+    let values = bytes_to_f32(dtype, bytes).expect("dtype checked above");
+    to_run_dtype::<T>(name, &values)
 }
 
 /// Stages every tensor of a checkpoint on disk (any subset of the model's tensors).

@@ -551,31 +551,7 @@ fn updates_under_load_in_wait_continue_and_abort_modes() {
         }
         eprintln!("{mode}: {aborted} aborted, {spanning} spanning versions");
         // Every request, aborted or not, gave its K/V blocks back.
-        let t0 = std::time::Instant::now();
-        loop {
-            let text = client()
-                .get(s.url("/metrics"))
-                .send()
-                .unwrap()
-                .text()
-                .unwrap();
-            let get = |name: &str| -> f64 {
-                text.lines()
-                    .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-                    .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-                    .unwrap_or(-1.0)
-            };
-            if get("halfstep_kv_blocks_free") == get("halfstep_kv_blocks_total")
-                && get("vllm:num_requests_running") == 0.0
-            {
-                break;
-            }
-            assert!(
-                t0.elapsed() < std::time::Duration::from_secs(10),
-                "{mode}: K/V blocks leaked"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        common::wait_idle(&s);
         if mode == "abort" {
             assert!(aborted > 0, "abort mode aborts in-flight requests");
         }

@@ -612,36 +612,6 @@ fn http_logprobs_are_bitwise_the_engines() {
     }
 }
 
-/// Reads a gauge from `/metrics` (summed over label sets).
-fn gauge(s: &Server, name: &str) -> f64 {
-    let text = client()
-        .get(s.url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn wait_idle(s: &Server) {
-    let t0 = std::time::Instant::now();
-    loop {
-        let running = gauge(s, "vllm:num_requests_running");
-        let free = gauge(s, "halfstep_kv_blocks_free");
-        if running == 0.0 && free == gauge(s, "halfstep_kv_blocks_total") {
-            return;
-        }
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(10),
-            "blocks not freed: running {running}, free {free}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn clients_that_disconnect_abort_their_requests_and_free_blocks() {
     let s = tiny_server(&[]);
@@ -651,7 +621,7 @@ fn clients_that_disconnect_abort_their_requests_and_free_blocks() {
     let mut sb = long.clone();
     sb["stream"] = json!(true);
     common::start_and_drop_stream(&s.url("/v1/completions"), &sb);
-    wait_idle(&s);
+    common::wait_idle(&s);
     // Non-streaming: the client gives up before the answer.
     let impatient = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_millis(150))
@@ -668,7 +638,7 @@ fn clients_that_disconnect_abort_their_requests_and_free_blocks() {
         .json(&chat)
         .send()
         .is_err());
-    wait_idle(&s);
+    common::wait_idle(&s);
     let aborted: f64 = client()
         .get(s.url("/metrics"))
         .send()

@@ -174,3 +174,34 @@ pub fn start_and_drop_stream(url: &str, body: &serde_json::Value) {
     let mut rd = r;
     let _ = rd.read(&mut buf);
 }
+
+/// Reads a gauge from `/metrics` (summed over label sets).
+pub fn gauge(s: &Server, name: &str) -> f64 {
+    let text = client()
+        .get(s.url("/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until no request runs and every K/V block is free again (a leak fails the test).
+pub fn wait_idle(s: &Server) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let running = gauge(s, "vllm:num_requests_running");
+        let free = gauge(s, "halfstep_kv_blocks_free");
+        if running == 0.0 && free == gauge(s, "halfstep_kv_blocks_total") {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "blocks not freed: running {running}, free {free}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

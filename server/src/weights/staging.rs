@@ -27,6 +27,17 @@ pub trait Staging: Send + Sync {
         dtype: SourceDType,
         bytes: &[u8],
     ) -> Result<(), WeightError>;
+    /// Like [`Staging::add_bytes`], taking ownership of an element-aligned buffer (no copy when
+    /// it is already in the run dtype).
+    fn add_raw(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: SourceDType,
+        data: RawTensor,
+    ) -> Result<(), WeightError> {
+        self.add_bytes(name, shape, dtype, data.bytes())
+    }
     /// Tensors staged so far.
     fn len(&self) -> usize;
     /// Whether nothing is staged.
@@ -39,6 +50,40 @@ pub trait Staging: Send + Sync {
     fn elapsed(&self) -> Duration;
     /// Hands the staged tensors over for the swap.
     fn finish(self: Box<Self>) -> StagedUpdate;
+}
+
+/// A tensor's raw little-endian elements, read into a buffer aligned for them.
+pub enum RawTensor {
+    /// 16-bit elements (F16, BF16).
+    U16(Vec<u16>),
+    /// 32-bit elements (F32).
+    U32(Vec<u32>),
+}
+
+impl RawTensor {
+    /// The buffer as bytes.
+    pub fn bytes(&self) -> &[u8] {
+        fn of<W: Copy>(v: &[W]) -> &[u8] {
+            // SAFETY: plain integers: no padding, every byte initialised.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        match self {
+            RawTensor::U16(v) => of(v),
+            RawTensor::U32(v) => of(v),
+        }
+    }
+}
+
+/// Reuses an integer buffer as elements of `T` when both have the same size and alignment.
+fn reuse<W, T: Elem>(v: Vec<W>) -> Vec<T> {
+    assert!(
+        std::mem::size_of::<W>() == std::mem::size_of::<T>()
+            && std::mem::align_of::<W>() == std::mem::align_of::<T>()
+    );
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same size and alignment (asserted) and T is plain bits, so the allocation's
+    // layout is unchanged and every element is a valid T.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
 }
 
 /// Staged tensors ready to swap in (type-erased `Vec<(name, Arc<Vec<T>>)>`).
@@ -173,6 +218,41 @@ impl<T: Elem> Staging for TypedStaging<T> {
         }
         let data = bytes_to_elems::<T>(name, dtype, bytes)?;
         self.put(name, data, t0);
+        Ok(())
+    }
+
+    fn add_raw(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: SourceDType,
+        data: RawTensor,
+    ) -> Result<(), WeightError> {
+        let same = matches!(
+            (dtype, T::KIND, &data),
+            (SourceDType::F16, ElemKind::F16, RawTensor::U16(_))
+                | (SourceDType::Bf16, ElemKind::Bf16, RawTensor::U16(_))
+                | (SourceDType::F32, ElemKind::F32, RawTensor::U32(_))
+        );
+        if !same {
+            return self.add_bytes(name, shape, dtype, data.bytes());
+        }
+        let t0 = Instant::now();
+        self.check(name, shape, dtype)?;
+        if is_ignorable(name, &self.config) {
+            return Ok(());
+        }
+        let elems: Vec<T> = match data {
+            RawTensor::U16(v) => reuse(v),
+            RawTensor::U32(v) => reuse(v),
+        };
+        if let Some(i) = first_non_finite(&elems) {
+            return Err(WeightError::NonFinite {
+                name: name.to_string(),
+                index: i,
+            });
+        }
+        self.put(name, elems, t0);
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! tensor in offset order, converted and checked as soon as its bytes are in. The raw file is
 //! never held whole.
 
-use super::staging::Staging;
+use super::staging::{RawTensor, Staging};
 use futures::{Stream, StreamExt};
 use halfstep_model::weights::{SourceDType, WeightError};
 use serde_json::Value;
@@ -62,6 +62,25 @@ where
         Ok(out)
     }
 
+    /// Fills `dst` with the next bytes; `what` names them in the error if the body ends first.
+    async fn take_into(&mut self, dst: &mut [u8], what: &str) -> Result<(), WeightError> {
+        let mut done = 0;
+        while done < dst.len() {
+            if self.pos == self.buf.len() && !self.fill().await? {
+                return Err(bad(format!(
+                    "the body ended after {} bytes, in {what}",
+                    self.consumed
+                )));
+            }
+            let k = (dst.len() - done).min(self.buf.len() - self.pos);
+            dst[done..done + k].copy_from_slice(&self.buf[self.pos..self.pos + k]);
+            self.pos += k;
+            done += k;
+            self.consumed += k as u64;
+        }
+        Ok(())
+    }
+
     async fn at_end(&mut self) -> Result<bool, WeightError> {
         while self.pos == self.buf.len() {
             if !self.fill().await? {
@@ -70,6 +89,12 @@ where
         }
         Ok(false)
     }
+}
+
+/// The bytes of a buffer of plain integers.
+fn as_bytes_mut<W: Copy>(v: &mut [W]) -> &mut [u8] {
+    // SAFETY: u16/u32 have no padding and every byte pattern is valid.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
 
 struct Entry {
@@ -98,7 +123,7 @@ struct Received {
     name: String,
     shape: Vec<usize>,
     dtype: SourceDType,
-    bytes: Vec<u8>,
+    data: RawTensor,
 }
 
 /// Stages every tensor of the safetensors file in `body`; returns the staging and the bytes
@@ -124,7 +149,7 @@ where
     let converter = std::thread::spawn(move || {
         let mut staging = staging;
         while let Some(t) = rx.blocking_recv() {
-            staging.add_bytes(&t.name, &t.shape, t.dtype, &t.bytes)?;
+            staging.add_raw(&t.name, &t.shape, t.dtype, t.data)?;
         }
         Ok::<_, WeightError>(staging)
     });
@@ -225,14 +250,27 @@ where
                 e.name
             )));
         }
-        let bytes = r
-            .take((e.end - e.start) as usize, &format!("tensor '{}'", e.name))
-            .await?;
+        let len = (e.end - e.start) as usize;
+        let what = format!("tensor '{}'", e.name);
+        // Read straight into a buffer aligned for the elements, so a tensor already in the run
+        // dtype becomes the staged tensor without another copy.
+        let data = match e.dtype {
+            SourceDType::F16 | SourceDType::Bf16 => {
+                let mut v = vec![0u16; len / 2];
+                r.take_into(as_bytes_mut(&mut v), &what).await?;
+                RawTensor::U16(v)
+            }
+            _ => {
+                let mut v = vec![0u32; len / 4];
+                r.take_into(as_bytes_mut(&mut v), &what).await?;
+                RawTensor::U32(v)
+            }
+        };
         let t = Received {
             name: e.name.clone(),
             shape: e.shape.clone(),
             dtype: e.dtype,
-            bytes,
+            data,
         };
         if tx.send(t).await.is_err() {
             // The converter stopped on a bad tensor; its error is the answer.

@@ -1,13 +1,15 @@
 //! The decoder forward pass over a batch of token spans from different sequences.
 
 use crate::config::ModelConfig;
-use crate::dtype::{round_slice, Elem};
+use crate::dtype::Elem;
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::gemm::{matmul, Output};
 use crate::kernels::math::silu;
 use crate::kernels::norm::rms_norm;
 use crate::kernels::rope::Rope;
+use crate::kernels::round::round_in_place;
 use crate::kernels::Kernels;
+use crate::kernels::SimdLevel;
 use crate::kv::KvCache;
 use crate::weights::{expected_tensors, validate, Coverage, TensorSource, WeightError};
 use std::collections::HashMap;
@@ -394,7 +396,7 @@ impl<T: Elem> Model<T> {
                 Output::Round,
                 &mut o,
             );
-            add_round::<T>(&mut h, &o);
+            add_round::<T>(level, &mut h, &o);
             rms_norm(level, &h, self.w(l.mlp_norm), eps, &mut xn);
             matmul(
                 kern,
@@ -419,9 +421,14 @@ impl<T: Elem> Model<T> {
                 &mut u,
             );
             // As PyTorch in the run dtype: act(gate) is rounded, then the product.
-            for (gv, &uv) in g.iter_mut().zip(&u) {
-                *gv = T::round(T::round(silu(*gv)) * uv);
+            for gv in g.iter_mut() {
+                *gv = silu(*gv);
             }
+            round_in_place::<T>(level, &mut g);
+            for (gv, &uv) in g.iter_mut().zip(&u) {
+                *gv *= uv;
+            }
+            round_in_place::<T>(level, &mut g);
             matmul(
                 kern,
                 &g,
@@ -433,7 +440,7 @@ impl<T: Elem> Model<T> {
                 Output::Round,
                 &mut o,
             );
-            add_round::<T>(&mut h, &o);
+            add_round::<T>(level, &mut h, &o);
         }
         let n = logit_rows.len();
         let mut sel = vec![0f32; n * hd];
@@ -460,11 +467,11 @@ impl<T: Elem> Model<T> {
 }
 
 /// h = round(h + x), the residual add.
-fn add_round<T: Elem>(h: &mut [f32], x: &[f32]) {
+fn add_round<T: Elem>(level: SimdLevel, h: &mut [f32], x: &[f32]) {
     for (a, &b) in h.iter_mut().zip(x) {
         *a += b;
     }
-    round_slice::<T>(h);
+    round_in_place::<T>(level, h);
 }
 
 /// Rounds a tensor's f32 values to `T`, rejecting values that are or become non-finite.

@@ -114,14 +114,12 @@ unsafe fn matmul_cols<T: Elem>(
     out: *mut f32,
     cols: std::ops::Range<usize>,
 ) {
+    // Sums (+ bias) go out as f32; rounding to the run dtype is one vectorised pass below.
     let store = |r: usize, j: usize, acc: f32| {
-        let mut v = acc;
-        if let Some(b) = bias {
-            v += b[j].to_f32();
-        }
-        if mode == Output::Round {
-            v = T::round(v);
-        }
+        let v = match bias {
+            Some(b) => acc + b[j].to_f32(),
+            None => acc,
+        };
         *out.add(r * n + j) = v;
     };
     let mut j0 = cols.start;
@@ -142,6 +140,13 @@ unsafe fn matmul_cols<T: Elem>(
             }
         }
         j0 = j1;
+    }
+    if mode == Output::Round {
+        for r in 0..m {
+            // SAFETY: this thread owns columns `cols` of every row.
+            let row = std::slice::from_raw_parts_mut(out.add(r * n + cols.start), cols.len());
+            super::round::round_in_place::<T>(level, row);
+        }
     }
 }
 
@@ -167,7 +172,7 @@ mod x86 {
         k: usize,
         w: &[T],
         cols: std::ops::Range<usize>,
-        store: &dyn Fn(usize, usize, f32),
+        store: &impl Fn(usize, usize, f32),
     ) {
         let mut r = 0;
         while r + MR512 <= m {
@@ -188,7 +193,7 @@ mod x86 {
         k: usize,
         w: &[T],
         cols: std::ops::Range<usize>,
-        store: &dyn Fn(usize, usize, f32),
+        store: &impl Fn(usize, usize, f32),
     ) {
         let mut j = cols.start;
         while j + NR512 <= cols.end {
@@ -265,7 +270,7 @@ mod x86 {
         k: usize,
         w: &[T],
         cols: std::ops::Range<usize>,
-        store: &dyn Fn(usize, usize, f32),
+        store: &impl Fn(usize, usize, f32),
     ) {
         let mut r = 0;
         while r + MR256 <= m {
@@ -286,7 +291,7 @@ mod x86 {
         k: usize,
         w: &[T],
         cols: std::ops::Range<usize>,
-        store: &dyn Fn(usize, usize, f32),
+        store: &impl Fn(usize, usize, f32),
     ) {
         let mut j = cols.start;
         while j + NR256 <= cols.end {

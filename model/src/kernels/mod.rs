@@ -11,6 +11,7 @@ pub mod math;
 pub mod norm;
 pub mod pool;
 pub mod rope;
+pub mod round;
 pub mod softmax;
 
 use std::sync::{Arc, OnceLock};

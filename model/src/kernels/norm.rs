@@ -1,6 +1,7 @@
 //! RMSNorm.
 
 use super::dot::dot;
+use super::round::round_in_place;
 use super::SimdLevel;
 use crate::dtype::Elem;
 
@@ -16,9 +17,14 @@ pub fn rms_norm<T: Elem>(level: SimdLevel, x: &[f32], w: &[T], eps: f32, out: &m
     );
     for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let inv = rms_inv(level, xr, eps);
-        for ((y, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-            *y = T::round(T::round(xv * inv) * wv.to_f32());
+        for (y, &xv) in yr.iter_mut().zip(xr) {
+            *y = xv * inv;
         }
+        round_in_place::<T>(level, yr);
+        for (y, &wv) in yr.iter_mut().zip(w) {
+            *y *= wv.to_f32();
+        }
+        round_in_place::<T>(level, yr);
     }
 }
 

@@ -660,3 +660,45 @@ fn clients_that_disconnect_abort_their_requests_and_free_blocks() {
     );
     assert!(done && !chunks.is_empty(), "still serving");
 }
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
+    let mut s = tiny_server(&["--shutdown-timeout", "30"]);
+    let url = s.url("/v1/completions");
+    // A request that is running when the signal comes finishes normally.
+    let running = std::thread::spawn(move || {
+        post(
+            &client(),
+            &url,
+            &json!({"prompt": "finish me", "max_tokens": 400, "temperature": 0, "ignore_eos": true}),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let status = s
+        .terminate(std::time::Duration::from_secs(30))
+        .expect("exits after draining");
+    assert!(status.success(), "exit status {status:?}");
+    let (st, r) = running.join().unwrap();
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"]["completion_tokens"], 400);
+}
+
+#[test]
+fn sigterm_stops_requests_still_running_after_the_shutdown_timeout() {
+    let mut s = tiny_server(&["--shutdown-timeout", "0.5", "--max-model-len", "1024"]);
+    let url = s.url("/v1/completions");
+    let stream = std::thread::spawn(move || {
+        let body = json!({"prompt": "x", "max_tokens": 1000, "temperature": 0, "ignore_eos": true, "stream": true});
+        let r = client().post(&url).json(&body).send().unwrap();
+        std::io::Read::read_to_end(&mut { r }, &mut Vec::new()).ok();
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let t0 = std::time::Instant::now();
+    let status = s
+        .terminate(std::time::Duration::from_secs(20))
+        .expect("exits at the timeout");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    stream.join().unwrap();
+}

@@ -117,6 +117,9 @@ pub struct ServeArgs {
     /// The only directory `/update_weights_from_disk` may read from.
     #[arg(long)]
     pub allowed_weight_dir: Option<PathBuf>,
+    /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
 }
 
 /// `halfstep generate`.
@@ -289,10 +292,29 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.served_model_name,
         listener.local_addr()?
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal(state))
-        .await?;
+    // On SIGTERM/SIGINT: refuse new requests (503), let in-flight ones finish for up to
+    // --shutdown-timeout, then stop whatever is left and exit 0.
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let signalled = signalled.clone();
+        async move {
+            shutdown_signal(state).await;
+            signalled.notify_one();
+        }
+    });
+    let deadline = async {
+        signalled.notified().await;
+        tokio::time::sleep(Duration::from_secs_f64(args.shutdown_timeout)).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = deadline => tracing::warn!(
+            "--shutdown-timeout ({} s) passed with requests still running; stopping them",
+            args.shutdown_timeout
+        ),
+    }
     engine.shutdown();
+    tracing::info!("stopped");
     Ok(())
 }
 

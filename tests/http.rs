@@ -702,3 +702,51 @@ fn sigterm_stops_requests_still_running_after_the_shutdown_timeout() {
     assert!(t0.elapsed() < std::time::Duration::from_secs(10));
     stream.join().unwrap();
 }
+
+#[test]
+fn an_engine_panic_makes_the_server_exit_non_zero_instead_of_hanging() {
+    let model = common::tiny_model();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_halfstep"))
+        .arg("serve")
+        .arg(&model)
+        .args(["--port", "0"])
+        .env("HALFSTEP_FAULT_ENGINE_PANIC_STEP", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Port 0 binds any free port: read the address from the log.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let base = loop {
+        let line = lines.next().expect("server log").unwrap();
+        if let Some(i) = line.find("on http://") {
+            break line[i + 3..].trim().to_string();
+        }
+    };
+    // This request makes the engine step until the injected panic; it must end, not hang.
+    let _ = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"prompt": "boom", "max_tokens": 50}))
+        .send();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "server did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        !status.success(),
+        "exit status must be non-zero, got {status:?}"
+    );
+    let log: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        log.iter().any(|l| l.contains("engine thread panicked")),
+        "{log:?}"
+    );
+}

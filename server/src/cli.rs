@@ -306,8 +306,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         signalled.notified().await;
         tokio::time::sleep(Duration::from_secs_f64(args.shutdown_timeout)).await;
     };
+    let engine_died = {
+        let engine = engine.clone();
+        async move {
+            while !engine
+                .stats()
+                .engine_dead
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     tokio::select! {
         r = server => r?,
+        _ = engine_died => bail!("the engine thread panicked; exiting so a supervisor can restart the server"),
         _ = deadline => tracing::warn!(
             "--shutdown-timeout ({} s) passed with requests still running; stopping them",
             args.shutdown_timeout

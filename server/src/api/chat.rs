@@ -138,6 +138,13 @@ async fn chat(
             RequestOutput::Error(e) => return Err(e.into()),
         }
     }
+    if fin.iter().any(|f| f.0.is_none()) {
+        // The outputs ended without a finish: the engine stopped (a bug, logged there).
+        return Err(ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "the engine stopped before the request finished",
+        ));
+    }
     let tt = TokenText {
         tok: st.engine.tokenizer(),
         as_ids: tt_ids,

@@ -147,6 +147,13 @@ async fn completion(
             RequestOutput::Error(e) => return Err(e.into()),
         }
     }
+    if choices.iter().any(|c| c.finish.is_none()) {
+        // The outputs ended without a finish: the engine stopped (a bug, logged there).
+        return Err(ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "the engine stopped before the request finished",
+        ));
+    }
     let tt = TokenText {
         tok: st.engine.tokenizer(),
         as_ids: ctx.as_ids,

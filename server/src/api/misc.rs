@@ -120,12 +120,17 @@ pub async fn detokenize(
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "Ready"), (status = 503, description = "Not ready", body = super::protocol::ErrorResponse)), tag = "ops")]
 pub async fn health(State(st): State<Arc<AppState>>) -> Response {
     // A paused server is healthy: a liveness probe must not kill it during a weight sync.
-    if st.accepting.load(std::sync::atomic::Ordering::Relaxed) {
+    let engine_alive = !st
+        .engine
+        .stats()
+        .engine_dead
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if st.accepting.load(std::sync::atomic::Ordering::Relaxed) && engine_alive {
         StatusCode::OK.into_response()
     } else {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down",
+            "the server is shutting down or its engine stopped",
         )
         .into_response()
     }

@@ -136,6 +136,12 @@ impl AppState {
                 "the server is shutting down",
             ));
         }
+        if self.engine.stats().engine_dead.load(Ordering::Relaxed) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the engine stopped (see the server log)",
+            ));
+        }
         if self.reject_new.load(Ordering::Relaxed) {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -158,6 +158,8 @@ pub struct EngineStats {
     pub weight_version: AtomicU64,
     /// Whether generation is paused.
     pub paused: AtomicBool,
+    /// Set if the engine thread died (a bug); nothing is served after that.
+    pub engine_dead: AtomicBool,
 }
 
 /// Static facts about the engine, for validation before submitting.
@@ -403,6 +405,8 @@ pub(super) struct Engine<T: Elem> {
     pub(super) drain_waiters: Vec<oneshot::Sender<()>>,
     /// Cumulative counters as last published to the metrics: (prefix queries, hits, preemptions).
     published: (u64, u64, u64),
+    /// Test-only fault: panic once this many steps have run (`HALFSTEP_FAULT_ENGINE_PANIC_STEP`).
+    panic_at_step: Option<u64>,
 }
 
 /// Starts the engine thread for `model` and returns its handle.
@@ -470,10 +474,21 @@ pub fn start_engine<T: Elem>(
         deferred: Vec::new(),
         drain_waiters: Vec::new(),
         published: (0, 0, 0),
+        panic_at_step: std::env::var("HALFSTEP_FAULT_ENGINE_PANIC_STEP")
+            .ok()
+            .and_then(|v| v.parse().ok()),
     };
+    let dead = stats.clone();
     std::thread::Builder::new()
         .name("halfstep-engine".into())
-        .spawn(move || engine.run(rx))
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(rx)));
+            if r.is_err() {
+                // A bug: say so instead of leaving requests hanging; the server exits non-zero.
+                tracing::error!("the engine thread panicked; the server is no longer serving");
+                dead.engine_dead.store(true, Ordering::SeqCst);
+            }
+        })
         .expect("spawning the engine thread");
     let staging_config = c.clone();
     EngineHandle {
@@ -683,6 +698,12 @@ impl<T: Elem> Engine<T> {
     }
 
     fn step(&mut self) {
+        // Fault injection for the black-box test of an engine crash (see tests/http.rs).
+        if let Some(n) = self.panic_at_step {
+            if self.stats.steps.load(Ordering::Relaxed) >= n {
+                panic!("HALFSTEP_FAULT_ENGINE_PANIC_STEP={n} reached");
+            }
+        }
         // Clients that went away: free their blocks before planning.
         let gone: Vec<String> = self
             .requests

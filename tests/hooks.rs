@@ -583,3 +583,64 @@ fn updates_under_load_in_wait_continue_and_abort_modes() {
         }
     }
 }
+
+#[test]
+fn an_upload_cut_off_halfway_changes_nothing_and_the_next_update_works() {
+    use std::io::Write;
+    let a = model_with_seed(13, "cut");
+    let s = server(&a, &[]);
+    let info0 = admin_get(&s.url("/weight_info"));
+    let out0 = greedy(&s, "cut");
+    let body = std::fs::read(model_with_seed(14, "cut-b").join("model.safetensors")).unwrap();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        tcp,
+        "POST /update_weights HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    tcp.write_all(&body[..body.len() / 2]).unwrap();
+    drop(tcp); // the trainer died mid-upload
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let info1 = admin_get(&s.url("/weight_info"));
+    assert_eq!(info1["checksum"], info0["checksum"]);
+    assert_eq!(info1["weight_version"], 0);
+    assert_eq!(greedy(&s, "cut"), out0);
+    // The update lock was released: a complete upload goes through.
+    let (st, r) = admin_post(&s.url("/update_weights"), body);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["weight_version"], 1);
+}
+
+#[test]
+fn racing_updates_serialise_and_the_last_one_wins_whole() {
+    let a = model_with_seed(15, "race");
+    let b = model_with_seed(16, "race-b");
+    let c = model_with_seed(17, "race-c");
+    let s = server(&a, &[]);
+    let (sb, sc) = (server(&b, &[]), server(&c, &[]));
+    let (want_b, want_c) = (greedy(&sb, "race"), greedy(&sc, "race"));
+    let bodies = [
+        (std::fs::read(b.join("model.safetensors")).unwrap(), 5),
+        (std::fs::read(c.join("model.safetensors")).unwrap(), 6),
+    ];
+    let threads: Vec<_> = bodies
+        .into_iter()
+        .map(|(body, v)| {
+            let url = s.url(&format!("/update_weights?weight_version={v}"));
+            std::thread::spawn(move || admin_post(&url, body))
+        })
+        .collect();
+    for t in threads {
+        let (st, r) = t.join().unwrap();
+        assert_eq!(st, 200, "{r}");
+    }
+    let info = admin_get(&s.url("/weight_info"));
+    let out = greedy(&s, "race");
+    match info["weight_version"].as_u64().unwrap() {
+        5 => assert_eq!(out, want_b),
+        6 => assert_eq!(out, want_c),
+        v => panic!("unexpected version {v}"),
+    }
+}

@@ -118,6 +118,15 @@ fn metrics_match_a_known_workload() {
     let m = parse_prometheus(&scrape(&s)).expect("valid Prometheus text format");
 
     assert_eq!(value(&m, "vllm:prompt_tokens_total"), prompt as f64);
+    // Every prompt token was either computed or served from the prefix cache.
+    assert_eq!(
+        value(&m, "vllm:prompt_tokens_by_source_total"),
+        prompt as f64
+    );
+    assert_eq!(
+        hist_count(&m, "vllm:request_max_num_generation_tokens"),
+        requests as f64
+    );
     assert_eq!(value(&m, "vllm:generation_tokens_total"), completion as f64);
     assert_eq!(value(&m, "vllm:num_requests_running"), 0.0);
     assert_eq!(value(&m, "vllm:num_requests_waiting"), 0.0);
@@ -229,6 +238,15 @@ fn every_vllm_dashboard_metric_is_exported() {
         "halfstep_kv_blocks_free",
         "halfstep_mismatch_max_abs",
         "halfstep_mismatch_k3",
+        "vllm:request_time_per_output_token_seconds",
+        "vllm:request_max_num_generation_tokens",
+        "vllm:request_prefill_kv_computed_tokens",
+        "vllm:prompt_tokens_cached_total",
+        "vllm:prompt_tokens_by_source_total",
+        "vllm:cache_config_info",
+        "process_start_time_seconds",
+        "process_max_fds",
+        "process_open_fds",
     ] {
         assert!(
             text.contains(&format!("# TYPE {name} ")),

@@ -93,6 +93,18 @@ pub struct Metrics {
     pub request_generation_tokens: Histogram,
     /// `vllm:iteration_tokens_total`.
     pub iteration_tokens: Histogram,
+    /// `vllm:request_time_per_output_token_seconds` (a request's mean inter-token time).
+    pub request_time_per_output_token: Histogram,
+    /// `vllm:request_max_num_generation_tokens` (the `max_tokens` asked for).
+    pub request_max_num_generation_tokens: Histogram,
+    /// `vllm:request_prefill_kv_computed_tokens` (prompt tokens computed, not cached).
+    pub request_prefill_kv_computed_tokens: Histogram,
+    /// `vllm:prompt_tokens_cached_total`.
+    pub prompt_tokens_cached: IntCounter,
+    /// `vllm:prompt_tokens_by_source_total{source}` (`local_compute`, `local_cache_hit`).
+    pub prompt_tokens_by_source: IntCounterVec,
+    /// `vllm:cache_config_info{block_size,num_gpu_blocks,cache_dtype,enable_prefix_caching}`.
+    pub cache_config_info: GaugeVec,
     /// `vllm:rl_weight_update_operation_duration_seconds{operation}`.
     pub rl_operation_duration: HistogramVec,
     /// `halfstep_weight_version`.
@@ -248,6 +260,44 @@ impl Metrics {
                 "Histogram of number of tokens per engine_step.",
                 ITERATION
             )),
+            request_time_per_output_token: reg!(hist(
+                "vllm:request_time_per_output_token_seconds",
+                "Histogram of time_per_output_token_seconds per request.",
+                ITL
+            )),
+            request_max_num_generation_tokens: reg!(hist(
+                "vllm:request_max_num_generation_tokens",
+                "Histogram of maximum number of requested generation tokens.",
+                &tokens
+            )),
+            request_prefill_kv_computed_tokens: reg!(hist(
+                "vllm:request_prefill_kv_computed_tokens",
+                "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+                &tokens
+            )),
+            prompt_tokens_cached: reg!(IntCounter::with_opts(engine(Opts::new(
+                "vllm:prompt_tokens_cached_total",
+                "Number of cached prompt tokens (local prefix cache)."
+            )))),
+            prompt_tokens_by_source: reg!(IntCounterVec::new(
+                engine(Opts::new(
+                    "vllm:prompt_tokens_by_source_total",
+                    "Number of prompt tokens by source."
+                )),
+                &["source"]
+            )),
+            cache_config_info: reg!(GaugeVec::new(
+                engine(Opts::new(
+                    "vllm:cache_config_info",
+                    "Information of the LLMEngine CacheConfig."
+                )),
+                &[
+                    "block_size",
+                    "num_gpu_blocks",
+                    "cache_dtype",
+                    "enable_prefix_caching"
+                ]
+            )),
             rl_operation_duration: reg!(HistogramVec::new(
                 hengine(
                     HistogramOpts::new(
@@ -331,6 +381,9 @@ impl Metrics {
         // dashboards show zeros instead of "no data".
         for r in ["stop", "length", "abort"] {
             m.request_success.with_label_values(&[r]);
+        }
+        for s in ["local_compute", "local_cache_hit"] {
+            m.prompt_tokens_by_source.with_label_values(&[s]);
         }
         for r in ["capacity", "deferred"] {
             m.num_requests_waiting_by_reason.with_label_values(&[r]);

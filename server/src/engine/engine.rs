@@ -457,6 +457,16 @@ pub fn start_engine<T: Elem>(
     stats.all_blocks_free.store(true, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel();
     let cfg_metrics = cfg.metrics.clone();
+    if let Some(m) = &cfg_metrics {
+        m.cache_config_info
+            .with_label_values(&[
+                &cfg.block_size.to_string(),
+                &num_blocks.to_string(),
+                T::DTYPE.name(),
+                &cfg.enable_prefix_caching.to_string(),
+            ])
+            .set(1.0);
+    }
     let mut engine = Engine {
         model,
         tokenizer: tokenizer.clone(),
@@ -611,6 +621,14 @@ impl<T: Elem> Engine<T> {
         m.request_prompt_tokens.observe(seq.prompt_len() as f64);
         m.request_generation_tokens
             .observe(seq.generated.len() as f64);
+        m.request_max_num_generation_tokens
+            .observe(seq.request.params.max_tokens as f64);
+        if let (Some(first), Some(last)) = (seq.first_token_at, seq.last_token_at) {
+            if seq.generated.len() > 1 {
+                let per = (last - first).as_secs_f64() / (seq.generated.len() - 1) as f64;
+                m.request_time_per_output_token.observe(per);
+            }
+        }
         if let Some(t) = seq.first_token_at {
             m.request_decode_time.observe((now - t).as_secs_f64());
         }
@@ -921,7 +939,19 @@ impl<T: Elem> Engine<T> {
                         m.time_to_first_token
                             .observe((now - seq.request.arrival).as_secs_f64());
                         if seq.sample_index == 0 {
-                            m.prompt_tokens.inc_by(seq.prompt_len() as u64);
+                            let all = seq.prompt_len() as u64;
+                            let cached = seq.cached_prompt_tokens as u64;
+                            m.prompt_tokens.inc_by(all);
+                            m.prompt_tokens_cached.inc_by(cached);
+                            let by_source = &m.prompt_tokens_by_source;
+                            by_source
+                                .with_label_values(&["local_cache_hit"])
+                                .inc_by(cached);
+                            by_source
+                                .with_label_values(&["local_compute"])
+                                .inc_by(all - cached);
+                            m.request_prefill_kv_computed_tokens
+                                .observe((all - cached) as f64);
                         }
                         if let Some(f) = seq.first_scheduled {
                             m.request_prefill_time.observe((now - f).as_secs_f64());

@@ -750,3 +750,36 @@ fn an_engine_panic_makes_the_server_exit_non_zero_instead_of_hanging() {
         "{log:?}"
     );
 }
+
+#[test]
+fn chat_template_options_continue_final_message_and_add_generation_prompt() {
+    let s = tiny_server(&[]);
+    let c = client();
+    let msgs =
+        json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello th"}]);
+    // The rendered prompt of each option, through /tokenize and /detokenize.
+    let render = |extra: serde_json::Value| {
+        let mut body =
+            json!({"messages": msgs, "max_tokens": 1, "return_token_ids": true, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, r) = post(&c, &s.url("/v1/chat/completions"), &body);
+        assert_eq!(st, 200, "{r}");
+        let ids = r["prompt_token_ids"].clone();
+        let (_, d) = post(&c, &s.url("/detokenize"), &json!({"tokens": ids}));
+        d["prompt"].as_str().unwrap().to_string()
+    };
+    let cont = render(json!({"continue_final_message": true, "add_generation_prompt": false}));
+    assert!(
+        cont.ends_with("<|im_start|>assistant\nHello th"),
+        "{cont:?}"
+    );
+    let fresh = render(json!({}));
+    assert!(
+        fresh.ends_with("Hello th<|im_end|>\n<|im_start|>assistant\n"),
+        "{fresh:?}"
+    );
+    let none = render(json!({"add_generation_prompt": false}));
+    assert!(none.ends_with("Hello th<|im_end|>\n"), "{none:?}");
+}

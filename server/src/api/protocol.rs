@@ -175,7 +175,7 @@ pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// Text, or a list of `{type: "text", text}` parts.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Value>)]
     pub content: Option<Value>,
     /// Other fields (name, tool_calls…) are passed to the template.
     #[serde(flatten)]
@@ -239,7 +239,7 @@ pub struct CompletionLogprobs {
     /// Token strings.
     pub tokens: Vec<String>,
     /// Most likely alternatives per position, token → logprob.
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<Option<Object>>)]
     pub top_logprobs: Vec<Option<OrderedMap<f32>>>,
 }
 
@@ -277,11 +277,11 @@ pub struct CompletionChoice {
     /// `stop`, `length` or `abort`; null while streaming.
     pub finish_reason: Option<String>,
     /// The stop string or token id that matched.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Value>)]
     pub stop_reason: Option<Value>,
     /// `[null, {"<id>": {...}}, ...]` when `prompt_logprobs` was asked.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Option<Vec<Option<Object>>>)]
     pub prompt_logprobs: Option<Vec<Option<OrderedMap<PromptLogprob>>>>,
     /// Prompt token ids (with `return_token_ids`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -368,7 +368,7 @@ pub struct ChatChoice {
     /// `stop`, `length` or `abort`.
     pub finish_reason: Option<String>,
     /// The stop string or token id that matched.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Value>)]
     pub stop_reason: Option<Value>,
     /// Generated token ids (with `return_token_ids`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -398,7 +398,7 @@ pub struct ChatCompletionResponse {
     pub usage: Usage,
     /// Prompt log-probabilities, when asked.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Option<Vec<Option<Object>>>)]
     pub prompt_logprobs: Option<Vec<Option<OrderedMap<PromptLogprob>>>>,
     /// Prompt token ids (with `return_token_ids`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -428,7 +428,7 @@ pub struct ChatChunkChoice {
     /// Set in the choice's last chunk.
     pub finish_reason: Option<String>,
     /// The stop string or token id that matched.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Value>)]
     pub stop_reason: Option<Value>,
     /// New token ids (with `return_token_ids`).
     #[serde(skip_serializing_if = "Option::is_none")]

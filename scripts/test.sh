@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh clone: fetches the default model (PyPI), runs the Rust tests
-# (unit, golden, engine, black-box HTTP), then drives the server with the official OpenAI
-# Python SDK. `.ci/run` calls this script; so should you.
+# (unit, golden, engine, black-box HTTP), fuzzes the API from its OpenAPI spec with
+# schemathesis, then drives the server with the official OpenAI Python SDK. `.ci/run` calls this script; so should you.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-default-model.sh
 cargo test --workspace --all-targets
-# The test build above left the debug binary; the SDK check runs it on the tiny model.
+# The test build above left the debug binary; both checks run it on the tiny model.
+HALFSTEP_BIN=target/debug/halfstep scripts/check-schemathesis.sh
 HALFSTEP_BIN=target/debug/halfstep scripts/check-openai-sdk.sh

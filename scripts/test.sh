@@ -9,4 +9,6 @@ scripts/fetch-default-model.sh
 cargo test --workspace --all-targets
 # The test build above left the debug binary; both checks run it on the tiny model.
 HALFSTEP_BIN=target/debug/halfstep scripts/check-schemathesis.sh
+# The short soak profile (the full one: SOAK_SECONDS=600 scripts/soak.sh).
+SOAK_SECONDS="${SOAK_SECONDS:-30}" HALFSTEP_BIN=target/debug/halfstep scripts/soak.sh
 HALFSTEP_BIN=target/debug/halfstep scripts/check-openai-sdk.sh

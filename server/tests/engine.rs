@@ -617,3 +617,60 @@ fn default_model_greedy_output_equals_transformers_greedy() {
     }
     assert_no_leak(&e);
 }
+
+#[test]
+fn aborting_an_n_request_before_its_samples_fork_ends_every_sample() {
+    // A chunked prefill of 8 tokens a step keeps the 200-token prompt unforked for a while.
+    let (e, _) = engine_with(EngineConfig {
+        max_num_batched_tokens: 8,
+        ..Default::default()
+    });
+    let rx = e
+        .submit(
+            "early".into(),
+            prompt(9, 200),
+            SamplingParams {
+                n: 3,
+                ..sampled(1, 20)
+            },
+        )
+        .unwrap();
+    e.abort("early");
+    let d = collect(rx, 3);
+    assert!(
+        d.samples
+            .iter()
+            .all(|s| s.finish == Some(FinishReason::Abort)),
+        "{:?}",
+        d.samples
+    );
+    assert_no_leak(&e);
+}
+
+#[test]
+fn an_n_request_whose_sequence_outgrows_the_cache_still_finishes_every_sample() {
+    // 4 blocks of 16: a 60-token prompt fits, its growth past 64 positions does not.
+    let (e, _) = engine_with(EngineConfig {
+        num_kv_blocks: Some(4),
+        ..Default::default()
+    });
+    let rx = e
+        .submit(
+            "big".into(),
+            prompt(10, 60),
+            SamplingParams {
+                n: 2,
+                ..sampled(2, 30)
+            },
+        )
+        .unwrap();
+    let d = collect(rx, 2);
+    assert!(
+        d.samples
+            .iter()
+            .all(|s| s.finish == Some(FinishReason::Length)),
+        "{:?}",
+        d.samples
+    );
+    assert_no_leak(&e);
+}

@@ -697,6 +697,11 @@ impl<T: Elem> Engine<T> {
         let Some(st) = self.requests.remove(id) else {
             return;
         };
+        let mut st = st;
+        if notify {
+            // Samples not forked yet get their abort too.
+            close_unforked(&mut st, FinishReason::Abort);
+        }
         for sid in st.seq_ids {
             if let Some(seq) = self.sched.remove(sid) {
                 self.record_finish(&seq, FinishReason::Abort);
@@ -1016,21 +1021,46 @@ impl<T: Elem> Engine<T> {
                 finished.push(sid);
             }
         }
+        let mut leader_reason = None;
         for sid in &finished {
             if let Some(seq) = self.sched.remove(*sid) {
                 if let SeqStatus::Finished(r) = seq.status {
                     self.record_finish(&seq, r);
+                    leader_reason = leader_reason.or((seq.sample_index == 0).then_some(r));
                 }
             }
         }
         let st = self.requests.get_mut(req_id).expect("request exists");
         st.seq_ids.retain(|s| !finished.contains(s));
+        if let (false, Some(r)) = (st.forked, leader_reason) {
+            // The leader ended before its n > 1 siblings were forked (the cache could not hold
+            // its prompt): the other samples end the same way, with no tokens.
+            close_unforked(st, r);
+        }
         let done = st.seq_ids.is_empty() && (st.forked || st.info.params.n == 1);
         if done {
             self.requests.remove(req_id);
         } else if !ok {
             self.abort(req_id, false);
         }
+    }
+}
+
+/// Ends samples 1..n of a request whose leader has not forked them yet.
+fn close_unforked(st: &mut RequestState, reason: FinishReason) {
+    if st.forked {
+        return;
+    }
+    st.forked = true;
+    for index in 1..st.info.params.n {
+        let _ = st.tx.send(RequestOutput::Sample(SampleOutput {
+            index,
+            tokens: Vec::new(),
+            text: String::new(),
+            finish_reason: Some(reason),
+            stop_reason: None,
+            num_cached_tokens: 0,
+        }));
     }
 }
 

@@ -22,25 +22,8 @@ fi
 if [[ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null || true)" != "$SCHEMATHESIS_VERSION" ]]; then
   "$VENV/bin/pip" install --disable-pip-version-check --no-input -q "schemathesis==$SCHEMATHESIS_VERSION" </dev/null
 fi
-[[ -x "$HALFSTEP_BIN" ]] || cargo build --release -p halfstep-server </dev/null
-
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/halfstep-st.XXXXXX")"
-SERVER_PID=""
-cleanup() {
-  [[ -n "$SERVER_PID" ]] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-"$HALFSTEP_BIN" tiny-model "$WORK/tiny" 2>/dev/null
-PORT="$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-"$HALFSTEP_BIN" serve "$WORK/tiny" --host 127.0.0.1 --port "$PORT" --admin-key st-admin \
-  --max-model-len 256 >"$WORK/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 600); do
-  "$VENV/bin/python" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=1)" 2>/dev/null && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log"; exit 1; }
-  sleep 0.1
-done
+source scripts/lib/tiny-server.sh
+start_tiny_server --admin-key st-admin --max-model-len 256
 
 set +e
 timeout 600 "$VENV/bin/schemathesis" run openapi/openapi.json \

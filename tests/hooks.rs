@@ -317,6 +317,10 @@ fn every_kind_of_bad_update_is_refused_and_changes_nothing() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 401);
+    // Neither the key the server was started with nor the wrong one offered reaches the log.
+    let log = s.log();
+    assert!(!log.is_empty());
+    assert!(!log.contains(ADMIN) && !log.contains("wrong"), "{log}");
     let info1 = admin_get(&s.url("/weight_info"));
     assert_eq!(info1["checksum"], info0["checksum"]);
     assert_eq!(info1["weight_version"], 0);
@@ -643,4 +647,211 @@ fn racing_updates_serialise_and_the_last_one_wins_whole() {
         6 => assert_eq!(out, want_c),
         v => panic!("unexpected version {v}"),
     }
+}
+
+#[test]
+fn checkpoints_rewritten_or_deleted_during_loads_cost_an_error_not_the_server() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let a = model_with_seed(18, "vanish");
+    let b = model_with_seed(19, "vanish-b");
+    let allowed = std::env::temp_dir().join(format!(
+        "halfstep-hooks-allowed-vanish-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&allowed);
+    let ckpt = allowed.join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    let s = server(&a, &["--allowed-weight-dir", allowed.to_str().unwrap()]);
+    let want_b = greedy(&server(&b, &[]), "vanish");
+    let out_a = greedy(&s, "vanish");
+    assert_ne!(out_a, want_b);
+    let bytes = std::fs::read(b.join("model.safetensors")).unwrap();
+    let file = ckpt.join("model.safetensors");
+    std::fs::write(&file, &bytes).unwrap();
+    // A trainer that rewrites its checkpoint in place (truncate, then write in pieces) and
+    // sometimes deletes it, while the server loads it: with memory-mapped files a load that
+    // meets the truncation dies of SIGBUS.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, file, bytes) = (stop.clone(), file.clone(), bytes.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                if i.is_multiple_of(5) {
+                    let _ = std::fs::remove_file(&file);
+                    std::thread::yield_now();
+                }
+                let Ok(mut f) = std::fs::File::create(&file) else {
+                    continue;
+                };
+                for chunk in bytes.chunks(bytes.len() / 4 + 1) {
+                    let _ = f.write_all(chunk);
+                    let _ = f.flush();
+                }
+            }
+            i
+        })
+    };
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..40 {
+        let (st, r) = admin_post(
+            &s.url("/update_weights_from_disk"),
+            json!({"model_path": "ckpt"}).to_string().into_bytes(),
+        );
+        match st {
+            200 => ok += 1,
+            400 => {
+                refused += 1;
+                assert!(r["error"]["message"].as_str().is_some(), "{r}");
+            }
+            _ => panic!("update during rewrite answered {st}: {r}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rewrites = writer.join().unwrap();
+    eprintln!("{ok} loads succeeded, {refused} refused, over {rewrites} rewrites");
+    // Each load is all or nothing: the outputs are those of A or of B, never a mixture.
+    let out = greedy(&s, "vanish");
+    let info = admin_get(&s.url("/weight_info"));
+    assert_eq!(info["weight_version"].as_u64().unwrap(), ok);
+    if ok == 0 {
+        assert_eq!(out, out_a);
+    } else {
+        assert_eq!(out, want_b);
+    }
+    // The file whole again: the next load succeeds and serves B.
+    std::fs::write(&file, &bytes).unwrap();
+    let (st, r) = admin_post(
+        &s.url("/update_weights_from_disk"),
+        json!({"model_path": "ckpt"}).to_string().into_bytes(),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(greedy(&s, "vanish"), want_b);
+}
+
+/// Every field or query parameter of the API whose name suggests a file system location.
+fn path_like_inputs(spec: &Value) -> Vec<String> {
+    fn walk(v: &Value, at: &str, out: &mut Vec<String>) {
+        let looks = |k: &str| {
+            let k = k.to_ascii_lowercase();
+            ["path", "file", "dir", "url", "uri", "template", "load"]
+                .iter()
+                .any(|w| k.contains(w))
+        };
+        if let Some(props) = v.get("properties").and_then(Value::as_object) {
+            for (k, p) in props {
+                if looks(k) {
+                    out.push(format!("{at}.{k}"));
+                }
+                walk(p, &format!("{at}.{k}"), out);
+            }
+        }
+        for key in ["items", "additionalProperties"] {
+            if let Some(x) = v.get(key) {
+                walk(x, at, out);
+            }
+        }
+        for key in ["oneOf", "anyOf", "allOf"] {
+            for x in v.get(key).and_then(Value::as_array).into_iter().flatten() {
+                walk(x, at, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (name, schema) in spec["components"]["schemas"].as_object().unwrap() {
+        walk(schema, name, &mut out);
+    }
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let n = p["name"].as_str().unwrap();
+                if ["path", "file", "dir", "url", "uri"]
+                    .iter()
+                    .any(|w| n.to_ascii_lowercase().contains(w))
+                {
+                    out.push(format!("{method} {path}?{n}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_route_reads_files_outside_the_allowed_weight_dir() {
+    // The spec is checked against the router by the server's staleness test: this is the
+    // whole input surface. One field names a file; `chat_template_kwargs` only passes
+    // variables to the model's own template, whose environment has no file loader.
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../openapi/openapi.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        path_like_inputs(&spec),
+        [
+            "ChatCompletionRequest.chat_template_kwargs",
+            "UpdateFromDiskRequest.model_path"
+        ]
+    );
+    let a = model_with_seed(20, "files");
+    let other = model_with_seed(21, "files-other");
+    // Hooks on, no --allowed-weight-dir: disk updates are off altogether.
+    let s = server(&a, &[]);
+    let (st, r) = admin_post(
+        &s.url("/update_weights_from_disk"),
+        json!({"model_path": other.to_str().unwrap()})
+            .to_string()
+            .into_bytes(),
+    );
+    assert_eq!(st, 403, "{r}");
+    assert_eq!(admin_get(&s.url("/weight_info"))["weight_version"], 0);
+    // With a dir: absolute paths elsewhere, system files and encoded traversal are refused
+    // without echoing any file content.
+    let allowed = std::env::temp_dir().join(format!(
+        "halfstep-hooks-allowed-files-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&allowed);
+    std::fs::create_dir_all(&allowed).unwrap();
+    let s = server(&a, &["--allowed-weight-dir", allowed.to_str().unwrap()]);
+    for p in [
+        "/etc/passwd",
+        "/proc/self/environ",
+        other.to_str().unwrap(),
+        "./../../../../etc/passwd",
+    ] {
+        let (st, r) = admin_post(
+            &s.url("/update_weights_from_disk"),
+            json!({ "model_path": p }).to_string().into_bytes(),
+        );
+        assert!(st == 403 || st == 400, "{p}: {st} {r}");
+        assert!(!r.to_string().contains("root:"), "{p}: {r}");
+    }
+    for url in [
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/v1/..%2f..%2fetc%2fpasswd",
+        "/static/../../etc/passwd",
+    ] {
+        let r = client().get(s.url(url)).send().unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().unwrap();
+        assert!(status == 404 || status == 400, "{url}: {status}");
+        assert!(!text.contains("root:"), "{url}: {text}");
+    }
+    // `model` names the served model; a path there is an unknown model, not a file to open.
+    let (st, r) = post(
+        &client(),
+        &s.url("/v1/completions"),
+        &json!({"model": "/etc/passwd", "prompt": "x", "max_tokens": 1}),
+    );
+    assert_eq!(st, 404, "{r}");
+    assert_eq!(admin_get(&s.url("/weight_info"))["weight_version"], 0);
 }

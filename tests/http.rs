@@ -783,3 +783,46 @@ fn chat_template_options_continue_final_message_and_add_generation_prompt() {
     let none = render(json!({"add_generation_prompt": false}));
     assert!(none.ends_with("Hello th<|im_end|>\n"), "{none:?}");
 }
+
+#[test]
+fn oversized_request_headers_get_431_and_the_server_keeps_serving() {
+    let s = tiny_server(&["--max-header-bytes", "16KiB"]);
+    let c = client();
+    // Over our limit: the OpenAI error body, before any route or key check runs.
+    let r = c
+        .post(s.url("/v1/completions"))
+        .header("x-padding", "a".repeat(20_000))
+        .json(&json!({"prompt": "x", "max_tokens": 1}))
+        .send()
+        .unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().unwrap(), 431);
+    // Many small headers adding up to the limit.
+    let mut req = c.get(s.url("/v1/models"));
+    for i in 0..90 {
+        req = req.header(format!("x-h{i}"), "b".repeat(200));
+    }
+    assert_eq!(req.send().unwrap().status(), 431);
+    // Far over hyper's own buffer (about 400 KiB): refused or the connection closed, never a
+    // crash or a hang.
+    if let Ok(r) = c
+        .get(s.url("/v1/models"))
+        .header("x-huge", "c".repeat(1 << 20))
+        .send()
+    {
+        assert_eq!(r.status(), 431);
+    }
+    // Just under the limit is fine, and the server still answers normally.
+    let r = c
+        .get(s.url("/v1/models"))
+        .header("x-padding", "d".repeat(15_000))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (st, body) = post(
+        &c,
+        &s.url("/v1/completions"),
+        &json!({"prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(st, 200, "{body}");
+}

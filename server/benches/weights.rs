@@ -53,6 +53,7 @@ fn main() {
         model_root: path.display().to_string(),
         api_key: None,
         max_body_bytes: 1 << 26,
+        max_header_bytes: 32 << 10,
         request_timeout: Duration::from_secs(600),
         admin_key: Some("k".into()),
         enable_weight_updates: false,

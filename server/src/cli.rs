@@ -105,6 +105,9 @@ pub struct ServeArgs {
     /// Largest request body.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub max_body_bytes: usize,
+    /// Largest total size of a request's headers (names and values); larger gets 431.
+    #[arg(long, default_value = "32KiB", value_parser = parse_bytes)]
+    pub max_header_bytes: usize,
     /// Seconds a request may take to produce its response head.
     #[arg(long, default_value_t = 600)]
     pub request_timeout: u64,
@@ -266,6 +269,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         model_root: path.display().to_string(),
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
+        max_header_bytes: args.max_header_bytes,
         request_timeout: Duration::from_secs(args.request_timeout),
         admin_key: args.admin_key.clone(),
         enable_weight_updates: args.enable_weight_updates,

@@ -6,7 +6,6 @@
 use super::quant::{dequantize, GgmlType};
 use super::{SourceDType, TensorInfo, TensorSource, WeightError};
 use crate::config::{Architecture, ModelConfig};
-use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -82,24 +81,9 @@ pub struct GgufTensor {
     pub range: std::ops::Range<usize>,
 }
 
-enum Bytes {
-    Mapped(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        }
-    }
-}
-
 /// A parsed GGUF file.
 pub struct GgufFile {
-    bytes: Bytes,
+    bytes: Vec<u8>,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata key/values.
@@ -204,24 +188,17 @@ impl<'a> Reader<'a> {
 }
 
 impl GgufFile {
-    /// Memory-maps and parses a GGUF file.
+    /// Reads and parses a GGUF file.
     pub fn open(path: &Path) -> Result<GgufFile, WeightError> {
-        let io = |source| WeightError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let f = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: read-only mapping of an input file; all accesses are bounds-checked.
-        let m = unsafe { Mmap::map(&f) }.map_err(io)?;
-        Self::parse(Bytes::Mapped(m))
+        Self::parse(super::read_file(path)?)
     }
 
     /// Parses GGUF bytes held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<GgufFile, WeightError> {
-        Self::parse(Bytes::Owned(bytes))
+        Self::parse(bytes)
     }
 
-    fn parse(bytes: Bytes) -> Result<GgufFile, WeightError> {
+    fn parse(bytes: Vec<u8>) -> Result<GgufFile, WeightError> {
         let (version, metadata, tensors) = {
             let mut r = Reader { b: &bytes, pos: 0 };
             if r.take(4)? != b"GGUF" {

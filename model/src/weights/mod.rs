@@ -10,6 +10,24 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub use self::gguf::GgufFile;
+
+/// Reads a whole checkpoint file into memory.
+///
+/// Files are read, not memory-mapped: a trainer that rewrites or truncates a checkpoint while
+/// the server loads it must cost that load an error, not the process a SIGBUS.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, WeightError> {
+    use std::io::Read;
+    let io = |source| WeightError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    // The length is a hint only: the file may shrink or grow while it is read.
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    f.read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
+}
 pub use self::quant::GgmlType;
 pub use self::safetensors::SafetensorsCheckpoint;
 

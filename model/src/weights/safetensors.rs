@@ -3,24 +3,8 @@
 use super::{SourceDType, TensorInfo, TensorSource, WeightError};
 use ::safetensors::{Dtype, SafeTensors};
 use half::{bf16, f16};
-use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-enum Backing {
-    Mapped(Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Backing {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Backing::Mapped(m) => m,
-            Backing::Owned(v) => v,
-        }
-    }
-}
 
 struct Entry {
     file: usize,
@@ -28,9 +12,9 @@ struct Entry {
     range: std::ops::Range<usize>,
 }
 
-/// Tensors of one or more safetensors files, memory-mapped (or owned bytes).
+/// Tensors of one or more safetensors files, read into memory.
 pub struct SafetensorsCheckpoint {
-    files: Vec<Backing>,
+    files: Vec<Vec<u8>>,
     entries: HashMap<String, Entry>,
     order: Vec<String>,
 }
@@ -82,29 +66,21 @@ impl SafetensorsCheckpoint {
         Self::open_files(&files)
     }
 
-    /// Memory-maps the given files (each tensor name must appear once).
+    /// Reads the given files (each tensor name must appear once).
     pub fn open_files(paths: &[PathBuf]) -> Result<Self, WeightError> {
         let mut backings = Vec::new();
         for p in paths {
-            let io = |source| WeightError::Io {
-                path: p.display().to_string(),
-                source,
-            };
-            let f = std::fs::File::open(p).map_err(io)?;
-            // SAFETY: the file is treated as read-only input; every access is bounds-checked
-            // against the length safetensors validated.
-            let m = unsafe { Mmap::map(&f) }.map_err(io)?;
-            backings.push((p.display().to_string(), Backing::Mapped(m)));
+            backings.push((p.display().to_string(), super::read_file(p)?));
         }
         Self::from_backings(backings)
     }
 
     /// Parses a safetensors file held in memory (an upload).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, WeightError> {
-        Self::from_backings(vec![("<upload>".to_string(), Backing::Owned(bytes))])
+        Self::from_backings(vec![("<upload>".to_string(), bytes)])
     }
 
-    fn from_backings(backings: Vec<(String, Backing)>) -> Result<Self, WeightError> {
+    fn from_backings(backings: Vec<(String, Vec<u8>)>) -> Result<Self, WeightError> {
         let mut entries = HashMap::new();
         let mut order = Vec::new();
         let mut files = Vec::new();

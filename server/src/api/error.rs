@@ -58,6 +58,7 @@ impl ApiError {
             415 => "UnsupportedMediaTypeError",
             422 => "UnprocessableEntityError",
             429 => "RateLimitError",
+            431 => "RequestHeaderFieldsTooLargeError",
             503 => "ServiceUnavailableError",
             _ => "InternalServerError",
         }

@@ -41,6 +41,8 @@ pub struct ApiConfig {
     pub api_key: Option<String>,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// Largest total size of a request's header names and values in bytes.
+    pub max_header_bytes: usize,
     /// Longest a request may take to produce its response head.
     pub request_timeout: Duration,
     /// Key required on trainer hooks (`--admin-key`).
@@ -310,6 +312,24 @@ async fn declared_body_limit(State(limit): State<usize>, req: Request, next: Nex
     }
 }
 
+/// Answers 431 when a request's headers exceed the limit, before authentication or routing
+/// looks at them. (hyper itself refuses header blocks over about 400 KiB or 100 headers.)
+async fn header_limit(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if size > limit {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("request headers of {size} bytes exceed the limit of {limit} bytes"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
 async fn not_found(req: Request<Body>) -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -369,6 +389,10 @@ pub fn router(state: Arc<AppState>, cfg: &ApiConfig) -> Router {
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(state.clone(), http_metrics))
         .layer(CorsLayer::permissive())
+        .layer(middleware::from_fn_with_state(
+            cfg.max_header_bytes,
+            header_limit,
+        ))
         .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }

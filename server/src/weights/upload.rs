@@ -46,7 +46,8 @@ where
 
     /// The next `n` bytes; `what` names them in the error if the body ends first.
     async fn take(&mut self, n: usize, what: &str) -> Result<Vec<u8>, WeightError> {
-        let mut out = Vec::with_capacity(n.min(1 << 30));
+        // Grow with the bytes that arrive, never to a declared size up front.
+        let mut out = Vec::with_capacity(n.min(1 << 16));
         while out.len() < n {
             if self.pos == self.buf.len() && !self.fill().await? {
                 return Err(bad(format!(

@@ -23,7 +23,13 @@ fn load<T: Elem>(dir: &Path) -> Model<T> {
 }
 
 /// Sampled completions: (prompt + completion tokens, prompt length, the server's logprobs).
-async fn sample(c: &Client, prompts: &[&str], n: u32, max_tokens: u32, greedy: bool) -> Vec<(Vec<u32>, usize, Vec<f32>)> {
+async fn sample(
+    c: &Client,
+    prompts: &[&str],
+    n: u32,
+    max_tokens: u32,
+    greedy: bool,
+) -> Vec<(Vec<u32>, usize, Vec<f32>)> {
     let futs = prompts.iter().enumerate().map(|(i, p)| {
         let mut req = CompletionRequest::new(*p);
         req.logprobs = Some(0);
@@ -42,7 +48,13 @@ async fn sample(c: &Client, prompts: &[&str], n: u32, max_tokens: u32, greedy: b
             let mut toks = ch.prompt_token_ids.unwrap();
             let from = toks.len();
             toks.extend(ch.token_ids.unwrap());
-            let lps = ch.logprobs.unwrap().token_logprobs.into_iter().map(|x| x.unwrap()).collect();
+            let lps = ch
+                .logprobs
+                .unwrap()
+                .token_logprobs
+                .into_iter()
+                .map(|x| x.unwrap())
+                .collect();
             out.push((toks, from, lps));
         }
     }
@@ -91,7 +103,11 @@ async fn parity_async<T: Elem>(dir: &Path, base: &str, dtype: &str) {
         let mine = score(&model, toks, *from).unwrap();
         assert_eq!(mine.len(), lps.len());
         for (a, b) in mine.iter().zip(lps) {
-            assert_eq!(a.to_bits(), b.to_bits(), "{dtype}: trainer {a} vs server {b}");
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{dtype}: trainer {a} vs server {b}"
+            );
         }
         stats.add_sequence(lps, &mine).unwrap();
     }
@@ -147,11 +163,27 @@ async fn rl_step(dir: &Path, a: &str, b: &str) {
     assert_eq!(report.mismatch.max_abs, 0.0, "sampled by the same weights");
     let bytes = t.weights_safetensors(true).unwrap();
     let up = reps
-        .update_weights(bytes, &UpdateOptions { weight_version: Some(1), mode: Some(UpdateMode::Wait) })
+        .update_weights(
+            bytes,
+            &UpdateOptions {
+                weight_version: Some(1),
+                mode: Some(UpdateMode::Wait),
+            },
+        )
         .await;
-    assert!(up.all_ok(), "{:?}", up.failures().map(|(u, e)| format!("{u}: {e}")).collect::<Vec<_>>());
+    assert!(
+        up.all_ok(),
+        "{:?}",
+        up.failures()
+            .map(|(u, e)| format!("{u}: {e}"))
+            .collect::<Vec<_>>()
+    );
     let versions = reps.versions().await;
-    assert_eq!(versions.consistent(), Some(1), "both replicas hold version 1 with one checksum");
+    assert_eq!(
+        versions.consistent(),
+        Some(1),
+        "both replicas hold version 1 with one checksum"
+    );
     // Both replicas now answer with the trainer's model: greedy tokens and their logprobs.
     for r in reps.clients() {
         let after = sample(r, &prompts, 1, 12, true).await;
@@ -162,16 +194,27 @@ async fn rl_step(dir: &Path, a: &str, b: &str) {
             // Greedy: each sampled token is the trainer model's argmax.
             let m = t.model();
             let vocab = m.config().vocab_size;
-            let mut kv = halfstep_model::ContiguousKv::<f16>::new(m.config().num_hidden_layers, m.config().kv_dim());
+            let mut kv = halfstep_model::ContiguousKv::<f16>::new(
+                m.config().num_hidden_layers,
+                m.config().kv_dim(),
+            );
             let logits = m
                 .forward(
-                    &[halfstep_model::Span { seq: 0, start_pos: 0, tokens: &toks[..toks.len() - 1], logits: halfstep_model::LogitsFor::All }],
+                    &[halfstep_model::Span {
+                        seq: 0,
+                        start_pos: 0,
+                        tokens: &toks[..toks.len() - 1],
+                        logits: halfstep_model::LogitsFor::All,
+                    }],
                     &mut kv,
                 )
                 .unwrap();
             for pos in *from..toks.len() {
                 let row = &logits[(pos - 1) * vocab..pos * vocab];
-                let best = row.iter().enumerate().fold(0, |bi, (i, &x)| if x > row[bi] { i } else { bi });
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(0, |bi, (i, &x)| if x > row[bi] { i } else { bi });
                 assert_eq!(best as u32, toks[pos]);
             }
         }

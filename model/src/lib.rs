@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backward;
 pub mod config;
 pub mod dtype;
 pub mod forward;

@@ -42,6 +42,12 @@ pub enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Measure the machine's memory read bandwidth (the yardstick of memory-bound decode).
+    Bandwidth {
+        /// Buffer size in MiB (well beyond the last-level cache).
+        #[arg(long, default_value_t = 512)]
+        mib: usize,
+    },
 }
 
 /// Model and engine flags shared by `serve` and `generate`.

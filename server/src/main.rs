@@ -27,6 +27,15 @@ fn main() -> anyhow::Result<()> {
             eprintln!("wrote the tiny model to {}", dir.display());
             Ok(())
         }
+        Command::Bandwidth { mib } => {
+            let kern = halfstep_model::Kernels::global();
+            let gbs = halfstep_model::kernels::bandwidth::read_bandwidth_gbs(&kern, mib << 20, 5);
+            println!(
+                "memory read bandwidth: {gbs:.1} GB/s ({mib} MiB, best of 5, {} threads)",
+                kern.pool.threads()
+            );
+            Ok(())
+        }
         Command::Openapi { output } => {
             let doc = halfstep_server::api::openapi::openapi_json();
             match output {

@@ -3,11 +3,11 @@
 
 pub mod client;
 pub mod independent;
+pub mod loss;
 pub mod mismatch;
+pub mod optim;
 pub mod plot;
 pub mod protocol;
-pub mod task;
-pub mod loss;
-pub mod optim;
-pub mod trainer;
 pub mod rl;
+pub mod task;
+pub mod trainer;

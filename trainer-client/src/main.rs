@@ -17,7 +17,11 @@ use halfstep_trainer::trainer::{score, Trainer, TrainerConfig};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "halfstep-train", version, about = "FP16 RL fine-tuning against halfstep servers")]
+#[command(
+    name = "halfstep-train",
+    version,
+    about = "FP16 RL fine-tuning against halfstep servers"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -61,7 +65,7 @@ struct RlArgs {
     #[arg(long, default_value_t = 8)]
     group_size: u32,
     /// Longest completion.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     max_tokens: u32,
     /// Sampling temperature.
     #[arg(long, default_value_t = 1.0)]
@@ -151,13 +155,19 @@ fn replicas(a: &ServerArgs) -> Result<Replicas> {
 
 fn load<T: Elem>(path: &Path) -> Result<Model<T>> {
     let ck = Checkpoint::open(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Model::<T>::load(ck.config, &*ck.tensors, Kernels::global())?)
+    Ok(Model::<T>::load(
+        ck.config,
+        &*ck.tensors,
+        Kernels::global(),
+    )?)
 }
 
 /// The run dtype a server reports in /weight_info.
 async fn server_dtype(c: &Client) -> Result<DType> {
     let info = c.weight_info().await.context("GET /weight_info")?;
-    info.dtype.parse().map_err(|_| anyhow::anyhow!("unknown dtype {}", info.dtype))
+    info.dtype
+        .parse()
+        .map_err(|_| anyhow::anyhow!("unknown dtype {}", info.dtype))
 }
 
 async fn rl_main<T: Elem>(a: RlArgs) -> Result<()> {
@@ -175,7 +185,11 @@ async fn rl_main<T: Elem>(a: RlArgs) -> Result<()> {
         max_grad_norm: a.max_grad_norm,
         loss: a.loss,
         grad: GradOptions {
-            first_trainable_layer: if a.train_layers == 0 { 0 } else { layers.saturating_sub(a.train_layers) },
+            first_trainable_layer: if a.train_layers == 0 {
+                0
+            } else {
+                layers.saturating_sub(a.train_layers)
+            },
             train_embeddings: a.train_layers == 0,
             train_final_norm: true,
             train_lm_head: a.train_lm_head,
@@ -258,7 +272,14 @@ async fn sample_for_mismatch(c: &Client, a: &MismatchArgs) -> Result<Samples> {
 fn row(name: &str, dtype: DType, s: &MismatchStats) {
     println!(
         "{:<12} {:<9} {:>10.3e} {:>10.3e} {:>11.3e} {:>11.3e} {:>10.6} {:>10.6}",
-        name, dtype.name(), s.max_abs, s.mean_abs, s.k1, s.k3, s.ratio_min, s.ratio_max
+        name,
+        dtype.name(),
+        s.max_abs,
+        s.mean_abs,
+        s.k1,
+        s.k3,
+        s.ratio_min,
+        s.ratio_max
     );
 }
 
@@ -320,7 +341,10 @@ fn torch_logprobs(model: &Path, dtype: DType, samples: &Samples) -> Result<Vec<V
         .iter()
         .map(|(t, from, _)| serde_json::json!({"tokens": t, "from": from}))
         .collect();
-    std::fs::write(&input, serde_json::to_vec(&serde_json::json!({"sequences": seqs}))?)?;
+    std::fs::write(
+        &input,
+        serde_json::to_vec(&serde_json::json!({"sequences": seqs}))?,
+    )?;
     let st = std::process::Command::new(&python)
         .arg(&script)
         .arg("--model")

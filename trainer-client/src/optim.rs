@@ -209,7 +209,10 @@ mod tests {
         assert_eq!(s.at(0), 0.25);
         assert_eq!(s.at(3), 1.0);
         assert!((s.at(4) - 1.0).abs() < 1e-12);
-        assert!((s.at(9) - (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * 0.5).cos()))).abs() < 1e-12);
+        assert!(
+            (s.at(9) - (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * 0.5).cos()))).abs()
+                < 1e-12
+        );
         assert!((s.at(14) - 0.1).abs() < 1e-12);
         assert!((s.at(100) - 0.1).abs() < 1e-12);
         assert_eq!(LrSchedule::constant(0.5).at(1000), 0.5);
@@ -226,7 +229,11 @@ mod tests {
         let g = vec![0.3f32, -0.001, 0.0];
         let mut st = Moments::default();
         adamw_update(&cfg, 0.01, 1, true, &mut p, &g, &mut st);
-        let want = [1.0 - 0.01 * (1.0 + 0.1), -2.0 + 0.01 * (1.0 + 0.1 * 2.0), 0.5 - 0.01 * 0.05];
+        let want = [
+            1.0 - 0.01 * (1.0 + 0.1),
+            -2.0 + 0.01 * (1.0 + 0.1 * 2.0),
+            0.5 - 0.01 * 0.05,
+        ];
         for (a, b) in p.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }

@@ -5,7 +5,9 @@
 use crate::client::Replicas;
 use crate::loss::group_advantages;
 use crate::mismatch::MismatchStats;
-use crate::protocol::{ChatCompletionRequest, ChatMessage, MismatchReport, UpdateMode, UpdateOptions};
+use crate::protocol::{
+    ChatCompletionRequest, ChatMessage, MismatchReport, UpdateMode, UpdateOptions,
+};
 use crate::task::{problems, reward, Problem};
 use crate::trainer::{Rollout, StepReport, Trainer};
 use anyhow::{bail, Context, Result};
@@ -58,7 +60,7 @@ pub struct StepLog {
 /// Header of the CSV log.
 pub fn csv_header() -> String {
     format!(
-        "step,reward_mean,informative_groups,loss,grad_norm,loss_scale,skipped,lr,tokens,weight_version,sample_s,train_s,push_s,{}",
+        "step,reward_mean,informative_groups,loss,grad_norm,loss_scale,skipped,lr,completion_tokens,weight_version,sample_s,train_s,push_s,{}",
         MismatchStats::to_csv_header()
     )
 }
@@ -131,7 +133,7 @@ pub async fn sample(
                 bail!("{} token ids but {} logprobs", ids.len(), lps.len());
             }
             let text = c.message.content.clone().unwrap_or_default();
-            let r = reward(p, &text);
+            let r = reward(p, &text, c.finish_reason.as_deref() == Some("stop"));
             rewards.push(r);
             let mut tokens = prompt.clone();
             tokens.extend(&ids);
@@ -176,10 +178,8 @@ pub async fn run<T: Elem>(
         indicatif::ProgressBar::hidden()
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
-        )?
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
+            .progress_chars("=> "),
     );
     let base_version = replicas
         .pick(0)
@@ -237,7 +237,11 @@ pub async fn run<T: Elem>(
             log.reward_mean,
             log.report.mismatch.max_abs,
             log.report.loss_scale,
-            if log.report.skipped { "  (skipped)" } else { "" }
+            if log.report.skipped {
+                "  (skipped)"
+            } else {
+                ""
+            }
         ));
         bar.inc(1);
         if !cfg.progress {
@@ -245,7 +249,9 @@ pub async fn run<T: Elem>(
         }
         logs.push(log);
         if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 {
-            tokio::task::block_in_place(|| trainer.save_checkpoint(&cfg.out_dir.join("checkpoint")))?;
+            tokio::task::block_in_place(|| {
+                trainer.save_checkpoint(&cfg.out_dir.join("checkpoint"))
+            })?;
         }
         if (step + 1) % 5 == 0 || step + 1 == cfg.steps {
             plots(&cfg.out_dir, &logs);
@@ -265,12 +271,22 @@ pub fn plots(dir: &Path, logs: &[StepLog]) {
     let mismatch = xs(&|l| l.report.mismatch.max_abs);
     let k3 = xs(&|l| l.report.mismatch.k3);
     let scale = xs(&|l| (l.report.loss_scale as f64).log2());
-    crate::plot::line_chart_or_warn(&dir.join("reward.png"), "mean reward", "step", &[("reward", &reward)]);
+    crate::plot::line_chart_or_warn(
+        &dir.join("reward.png"),
+        "mean reward",
+        "step",
+        &[("reward", &reward)],
+    );
     crate::plot::line_chart_or_warn(
         &dir.join("mismatch.png"),
         "sampler/learner mismatch",
         "step",
         &[("max |dlogp|", &mismatch), ("k3", &k3)],
     );
-    crate::plot::line_chart_or_warn(&dir.join("loss_scale.png"), "log2 loss scale", "step", &[("log2 scale", &scale)]);
+    crate::plot::line_chart_or_warn(
+        &dir.join("loss_scale.png"),
+        "log2 loss scale",
+        "step",
+        &[("log2 scale", &scale)],
+    );
 }

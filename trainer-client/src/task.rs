@@ -1,5 +1,9 @@
-//! The verifiable-reward task of the RL loop: small additions asked through chat, rewarded only
-//! when the model answers with the number and nothing else.
+//! The verifiable-reward task of the RL loop: small additions asked through chat, rewarded
+//! when the model's answer ends, by itself, on the correct sum.
+//!
+//! The default model knows these sums (greedy decoding gets most of them right when it writes
+//! "3 + 4 = 7") but samples at temperature 1 wander off or run past the token limit, so the
+//! reward starts near 0.1: what RL has to teach is to answer briefly and stop.
 
 use serde_json::json;
 
@@ -23,7 +27,7 @@ impl Problem {
     /// The question `a + b` in the task's wording.
     pub fn new(a: i64, b: i64) -> Problem {
         Problem {
-            prompt: format!("What is {a} + {b}? Answer with only the number."),
+            prompt: format!("What is {a} + {b}? Answer briefly."),
             a,
             b,
             answer: a + b,
@@ -49,19 +53,33 @@ pub fn problems(seed: u64, n: usize) -> Vec<Problem> {
         .collect()
 }
 
-/// 1.0 when `completion`, trimmed and with at most one trailing period, is exactly the answer's
-/// decimal digits (a `-` first if negative); 0.0 otherwise.
+/// 1.0 when the completion ended by itself (`finished`: an end-of-sequence token or a stop,
+/// not the token limit) and the last integer in it is the answer; 0.0 otherwise.
 ///
-/// Strict on purpose: the task teaches the model to answer with only the number, so "7 apples",
-/// "The answer is 7", "07" or "+7" earn nothing.
-pub fn reward(problem: &Problem, completion: &str) -> f64 {
-    let text = completion.trim();
-    let text = text.strip_suffix('.').unwrap_or(text);
-    if text == problem.answer.to_string() {
+/// "7", "3 + 4 = 7" and "The answer is 7." earn 1; "7 or 8", "-7", "7.5" (last integer 5) and
+/// a truncated "3 + 4 = 7 and then" earn nothing.
+pub fn reward(problem: &Problem, completion: &str, finished: bool) -> f64 {
+    if finished && last_integer(completion) == Some(problem.answer) {
         1.0
     } else {
         0.0
     }
+}
+
+/// The last run of ASCII digits in `text` as an integer, negative when a `-` precedes it.
+fn last_integer(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let end = b.iter().rposition(u8::is_ascii_digit)? + 1;
+    let start = b[..end]
+        .iter()
+        .rposition(|c| !c.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    let v: i64 = text[start..end].parse().ok()?;
+    Some(if start > 0 && b[start - 1] == b'-' {
+        -v
+    } else {
+        v
+    })
 }
 
 /// SplitMix64: a small seeded generator, enough to make problem sets reproducible.
@@ -103,7 +121,7 @@ mod tests {
             assert_eq!(q.answer, q.a + q.b);
             assert_eq!(
                 q.prompt,
-                format!("What is {} + {}? Answer with only the number.", q.a, q.b)
+                format!("What is {} + {}? Answer briefly.", q.a, q.b)
             );
         }
         // Every operand value shows up, so the set is not degenerate.
@@ -120,47 +138,52 @@ mod tests {
         let q = Problem::new(3, 4);
         assert_eq!(
             q.messages(),
-            json!([{"role": "user", "content": "What is 3 + 4? Answer with only the number."}])
+            json!([{"role": "user", "content": "What is 3 + 4? Answer briefly."}])
         );
     }
 
     #[test]
-    fn reward_accepts_only_the_bare_number() {
+    fn reward_wants_the_sum_last_and_a_finished_answer() {
         let q = Problem::new(3, 4);
-        for ok in ["7", " 7", "7\n", "7.", "  7.  ", "\n7.\n"] {
-            assert_eq!(reward(&q, ok), 1.0, "{ok:?}");
+        for ok in [
+            "7",
+            " 7.",
+            "3 + 4 = 7",
+            "The answer is 7.",
+            "3 + 4 is 7\n",
+            "07",
+        ] {
+            assert_eq!(reward(&q, ok, true), 1.0, "{ok:?}");
+            assert_eq!(
+                reward(&q, ok, false),
+                0.0,
+                "{ok:?} cut off by the token limit"
+            );
         }
         for bad in [
             "",
             "8",
-            "07",
-            "+7",
-            "7..",
-            "7.0",
-            "7 apples",
-            "The answer is 7",
-            "3 + 4 = 7",
-            "7!",
+            "7 or 8",
+            "-7",
+            "7.5",
             "seven",
-            "7\n7",
-            "7 .",
-            "77",
+            "3 + 4 = 77",
+            "3 + 4",
         ] {
-            assert_eq!(reward(&q, bad), 0.0, "{bad:?}");
+            assert_eq!(reward(&q, bad, true), 0.0, "{bad:?}");
         }
     }
 
     #[test]
-    fn reward_handles_two_digit_and_zero_answers() {
-        assert_eq!(reward(&Problem::new(9, 9), "18"), 1.0);
-        assert_eq!(reward(&Problem::new(9, 9), "1 8"), 0.0);
-        assert_eq!(reward(&Problem::new(0, 0), "0"), 1.0);
-        assert_eq!(reward(&Problem::new(0, 0), "-0"), 0.0);
+    fn reward_handles_two_digit_zero_and_negative_answers() {
+        assert_eq!(reward(&Problem::new(9, 9), "9 + 9 = 18", true), 1.0);
+        assert_eq!(reward(&Problem::new(9, 9), "1 8", true), 0.0);
+        assert_eq!(reward(&Problem::new(0, 0), "0", true), 1.0);
         let neg = Problem {
             answer: -3,
             ..Problem::new(0, 0)
         };
-        assert_eq!(reward(&neg, "-3"), 1.0);
-        assert_eq!(reward(&neg, "3"), 0.0);
+        assert_eq!(reward(&neg, "1 - 4 = -3", true), 1.0);
+        assert_eq!(reward(&neg, "3", true), 0.0);
     }
 }

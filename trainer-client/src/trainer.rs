@@ -5,7 +5,9 @@
 
 use crate::loss::{token_loss, LossKind};
 use crate::mismatch::MismatchStats;
-use crate::optim::{adamw_update, clip_factor, global_norm, AdamConfig, LossScaler, LrSchedule, Moments};
+use crate::optim::{
+    adamw_update, clip_factor, global_norm, AdamConfig, LossScaler, LrSchedule, Moments,
+};
 use anyhow::{bail, Context, Result};
 use halfstep_model::backward::{backward, forward_tape, GradOptions, Grads, TrainWeights};
 use halfstep_model::kernels::softmax::log_softmax;
@@ -330,7 +332,15 @@ impl<T: Elem> Trainer<T> {
             let g: Vec<f32> = g.iter().map(|x| x * clip).collect();
             let decay = self.shapes[i].len() >= 2;
             let st = self.moments.entry(name.to_string()).or_default();
-            adamw_update(&self.cfg.adam, lr, self.applied, decay, &mut self.master[i], &g, st);
+            adamw_update(
+                &self.cfg.adam,
+                lr,
+                self.applied,
+                decay,
+                &mut self.master[i],
+                &g,
+                st,
+            );
             updates.push(i);
         }
         self.refresh(&updates)?;
@@ -374,7 +384,11 @@ impl<T: Elem> Trainer<T> {
         let mut tensors = Vec::new();
         for (i, n) in self.names.iter().enumerate() {
             if keep.contains(n) {
-                tensors.push((n.clone(), self.shapes[i].clone(), encode(T::DTYPE, &rounded::<T>(&self.master[i]))));
+                tensors.push((
+                    n.clone(),
+                    self.shapes[i].clone(),
+                    encode(T::DTYPE, &rounded::<T>(&self.master[i])),
+                ));
             }
         }
         serialize(T::DTYPE, &tensors)
@@ -385,10 +399,18 @@ impl<T: Elem> Trainer<T> {
         std::fs::create_dir_all(dir)?;
         let mut tensors = Vec::new();
         for (i, n) in self.names.iter().enumerate() {
-            tensors.push((n.clone(), self.shapes[i].clone(), encode(halfstep_model::DType::Float32, &self.master[i])));
+            tensors.push((
+                n.clone(),
+                self.shapes[i].clone(),
+                encode(halfstep_model::DType::Float32, &self.master[i]),
+            ));
             if let Some(m) = self.moments.get(n) {
                 for (tag, v) in [("exp_avg", &m.m), ("exp_avg_sq", &m.v)] {
-                    tensors.push((format!("{tag}.{n}"), self.shapes[i].clone(), encode(halfstep_model::DType::Float32, v)));
+                    tensors.push((
+                        format!("{tag}.{n}"),
+                        self.shapes[i].clone(),
+                        encode(halfstep_model::DType::Float32, v),
+                    ));
                 }
             }
         }
@@ -417,9 +439,14 @@ impl<T: Elem> Trainer<T> {
             &std::fs::read(dir.join("trainer_state.json")).context("trainer_state.json")?,
         )?;
         if state.dtype != T::DTYPE.name() {
-            bail!("the checkpoint was trained in {}, not {}", state.dtype, T::DTYPE.name());
+            bail!(
+                "the checkpoint was trained in {}, not {}",
+                state.dtype,
+                T::DTYPE.name()
+            );
         }
-        let bytes = std::fs::read(dir.join("trainer.safetensors")).context("trainer.safetensors")?;
+        let bytes =
+            std::fs::read(dir.join("trainer.safetensors")).context("trainer.safetensors")?;
         let st = safetensors::SafeTensors::deserialize(&bytes)?;
         let mut t = Trainer::new(model, state.config.clone())?;
         let read = |name: &str| -> Result<Option<Vec<f32>>> {
@@ -437,10 +464,17 @@ impl<T: Elem> Trainer<T> {
             let n = t.names[i].clone();
             let m = read(&n)?.with_context(|| format!("{n} missing from the checkpoint"))?;
             if m.len() != t.master[i].len() {
-                bail!("{n} has {} values in the checkpoint, {} in the model", m.len(), t.master[i].len());
+                bail!(
+                    "{n} has {} values in the checkpoint, {} in the model",
+                    m.len(),
+                    t.master[i].len()
+                );
             }
             t.master[i] = m;
-            if let (Some(a), Some(b)) = (read(&format!("exp_avg.{n}"))?, read(&format!("exp_avg_sq.{n}"))?) {
+            if let (Some(a), Some(b)) = (
+                read(&format!("exp_avg.{n}"))?,
+                read(&format!("exp_avg_sq.{n}"))?,
+            ) {
                 t.moments.insert(n, Moments { m: a, v: b });
             }
         }
@@ -454,7 +488,10 @@ impl<T: Elem> Trainer<T> {
 }
 
 /// A safetensors file of `(name, shape, little-endian bytes)` tensors of one dtype.
-fn serialize(dtype: halfstep_model::DType, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>> {
+fn serialize(
+    dtype: halfstep_model::DType,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<Vec<u8>> {
     use safetensors::tensor::TensorView;
     let st_dtype = match dtype {
         halfstep_model::DType::Float16 => safetensors::Dtype::F16,

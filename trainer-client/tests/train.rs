@@ -11,7 +11,8 @@ use halfstep_trainer::trainer::{Rollout, Trainer, TrainerConfig};
 fn tiny() -> Model<f16> {
     let dir = std::env::temp_dir().join(format!("halfstep-trainer-tiny-{}", std::process::id()));
     if !dir.join("model.safetensors").exists() {
-        let tmp = dir.with_extension(format!("{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+        let tmp = dir
+            .with_extension(format!("{:?}", std::thread::current().id()).replace(['(', ')'], ""));
         TinyModelSpec::default().write(&tmp).unwrap();
         let _ = std::fs::rename(&tmp, &dir);
     }
@@ -30,7 +31,10 @@ fn rollout(t: &Trainer<f16>, tokens: &[u32], prompt_len: usize, advantage: f32) 
 }
 
 fn masters(t: &Trainer<f16>) -> Vec<Vec<f32>> {
-    t.trainable_names().iter().map(|n| t.master(n).unwrap().to_vec()).collect()
+    t.trainable_names()
+        .iter()
+        .map(|n| t.master(n).unwrap().to_vec())
+        .collect()
 }
 
 const SEQ: [u32; 10] = [3, 72, 101, 108, 108, 111, 32, 119, 111, 114];
@@ -49,7 +53,11 @@ fn an_overflowing_step_is_skipped_halves_the_scale_and_changes_nothing() {
     assert_eq!(t.scaler().scale, 32768.0);
     assert_eq!(t.scaler().skipped, 1);
     assert_eq!(masters(&t), before, "master weights unchanged");
-    assert_eq!(t.logprobs(&SEQ, 4).unwrap(), model_before, "run-dtype model unchanged");
+    assert_eq!(
+        t.logprobs(&SEQ, 4).unwrap(),
+        model_before,
+        "run-dtype model unchanged"
+    );
     // A normal step afterwards goes through at the halved scale.
     let r = rollout(&t, &SEQ, 4, 1.0);
     let rep = t.step(&[r]).unwrap();
@@ -115,6 +123,13 @@ fn a_resumed_checkpoint_continues_exactly() {
     assert_eq!(ra.sampler_logprobs, rb.sampler_logprobs);
     a.step(&[ra]).unwrap();
     b.step(&[rb]).unwrap();
-    assert_eq!(masters(&a), masters(&b), "AdamW moments and step count were restored");
-    assert_eq!(a.weights_safetensors(false).unwrap(), b.weights_safetensors(false).unwrap());
+    assert_eq!(
+        masters(&a),
+        masters(&b),
+        "AdamW moments and step count were restored"
+    );
+    assert_eq!(
+        a.weights_safetensors(false).unwrap(),
+        b.weights_safetensors(false).unwrap()
+    );
 }

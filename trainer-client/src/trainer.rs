@@ -142,6 +142,9 @@ pub struct Trainer<T: Elem> {
     master: Vec<Vec<f32>>,
     moments: HashMap<String, Moments>,
     weights: TrainWeights<f32>,
+    // Kept across steps: allocating (and first touching) the buffers costs as much as a step's
+    // backward on small batches.
+    grads: Option<Grads<f32>>,
     scaler: LossScaler,
     steps_taken: u64,
     applied: u64,
@@ -183,6 +186,7 @@ impl<T: Elem> Trainer<T> {
             master,
             moments: HashMap::new(),
             weights,
+            grads: None,
             steps_taken: 0,
             applied: 0,
             kern,
@@ -237,7 +241,13 @@ impl<T: Elem> Trainer<T> {
         let n_tokens: usize = batch.iter().map(|r| r.sampler_logprobs.len()).sum();
         let mut mismatch = MismatchStats::new();
         let scale = self.scaler.scale;
-        let mut grads = Grads::new(&self.weights, &self.cfg.grad);
+        let mut grads = match self.grads.take() {
+            Some(mut g) => {
+                g.zero();
+                g
+            }
+            None => Grads::new(&self.weights, &self.cfg.grad),
+        };
         let mut loss = 0f64;
         let mut processed = 0usize;
         let mut fwd_bwd = 0f64;
@@ -314,6 +324,7 @@ impl<T: Elem> Trainer<T> {
             seconds: 0.0,
         };
         if !self.scaler.update(finite) {
+            self.grads = Some(grads);
             report.seconds = t0.elapsed().as_secs_f64();
             return Ok(report);
         }
@@ -343,6 +354,7 @@ impl<T: Elem> Trainer<T> {
             );
             updates.push(i);
         }
+        self.grads = Some(grads);
         self.refresh(&updates)?;
         report.grad_norm = norm;
         report.skipped = false;

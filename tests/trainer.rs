@@ -220,3 +220,58 @@ async fn rl_step(dir: &Path, a: &str, b: &str) {
         }
     }
 }
+
+#[test]
+fn the_rl_loop_samples_steps_pushes_logs_and_reports_mismatch() {
+    let dir = common::tiny_model();
+    let s = Server::start(&dir, &["--admin-key", ADMIN]);
+    let out = std::env::temp_dir().join(format!("halfstep-rl-loop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let cfg = halfstep_trainer::rl::RlConfig {
+        steps: 2,
+        prompts_per_step: 2,
+        group_size: 4,
+        max_tokens: 6,
+        temperature: 1.0,
+        seed: 5,
+        out_dir: out.clone(),
+        report_mismatch: true,
+        checkpoint_every: 1,
+        progress: false,
+    };
+    let reps = Replicas::new([s.base.clone()])
+        .unwrap()
+        .with_admin_key(ADMIN);
+    let mut t = Trainer::new(load::<f16>(&dir), TrainerConfig::default()).unwrap();
+    let logs = rt().block_on(async {
+        halfstep_trainer::rl::run(&reps, &mut t, &cfg)
+            .await
+            .unwrap()
+    });
+    assert_eq!(logs.len(), 2);
+    for l in &logs {
+        assert_eq!(l.report.mismatch.sequences, 8);
+        assert_eq!(
+            l.report.mismatch.max_abs, 0.0,
+            "the server runs the trainer's weights"
+        );
+    }
+    let applied = logs.iter().filter(|l| !l.report.skipped).count() as u64;
+    let info = rt().block_on(reps.pick(0).weight_info()).unwrap();
+    assert_eq!(info.weight_version, applied);
+    assert_eq!(logs.last().unwrap().weight_version, applied);
+    let csv = std::fs::read_to_string(out.join("rl.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3);
+    let cols = lines[0].split(',').count();
+    assert!(lines.iter().all(|l| l.split(',').count() == cols), "{csv}");
+    assert!(out.join("checkpoint/trainer.safetensors").is_file());
+    assert!(out.join("checkpoint/trainer_state.json").is_file());
+    // The mismatch reached the server's metrics.
+    let metrics = rt().block_on(reps.pick(0).metrics()).unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("halfstep_mismatch_reports_total"))
+        .unwrap();
+    assert!(line.ends_with(" 2"), "{line}");
+}

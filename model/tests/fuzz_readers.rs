@@ -102,7 +102,11 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 fn mutate(seed: &[u8], muts: &[Mutation]) -> Vec<u8> {
     let mut b = seed.to_vec();
     let at = |i: usize, len: usize, w: usize| {
-        let span = if i.is_multiple_of(4) { len } else { 4096.min(len) };
+        let span = if i.is_multiple_of(4) {
+            len
+        } else {
+            4096.min(len)
+        };
         (i / 4) % span.saturating_sub(w).max(1)
     };
     for m in muts {

@@ -74,7 +74,7 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-def run_level(url, model, conc, requests, seed):
+def run_level(url, model, conc, requests, seed, ignore_eos=True):
     results, errors = [], []
     lock = threading.Lock()
 
@@ -88,9 +88,10 @@ def run_level(url, model, conc, requests, seed):
                 "temperature": 0.8,
                 "seed": rng.randint(0, 1 << 30),
                 "stream": True,
-                "ignore_eos": True,
                 "stream_options": {"include_usage": True},
             }
+            if ignore_eos:
+                body["ignore_eos"] = True
             try:
                 r = stream_completion(url, body)
                 with lock:
@@ -106,7 +107,8 @@ def run_level(url, model, conc, requests, seed):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    toks = sum(r[2] for r in results)
+    # The server's own count where it sends one: a chunk may carry more than one token.
+    toks = sum(r[3] if r[3] is not None else r[2] for r in results)
     ttfts = [r[0] for r in results if r[0] is not None]
     gaps = [g for r in results for g in r[1]]
     mism = sum(1 for r in results if r[3] is not None and r[3] != r[2])
@@ -119,6 +121,7 @@ def run_level(url, model, conc, requests, seed):
         "ttft_ms": [1e3 * pct(ttfts, p) for p in (50, 90, 99)],
         "itl_ms": [1e3 * pct(gaps, p) for p in (50, 90, 99)],
         "usage_mismatches": mism,
+        "mean_output_tokens": toks / max(1, len(results)),
         "wall_s": wall,
     }
 
@@ -143,19 +146,26 @@ def main():
     ap.add_argument("--ttft-words", type=int, default=0,
                     help="also time first tokens of prompts this many words long")
     ap.add_argument("--label", default="server")
+    ap.add_argument("--no-ignore-eos", action="store_true",
+                    help="for servers that refuse the field: outputs may then end early at EOS")
     ap.add_argument("--json", default=None, help="append results as one JSON line here")
     a = ap.parse_args()
     rows = []
     print(f"{a.label}: {a.url}")
+    # Warm-up: servers that load the model on first use (transformers serve) do it here.
+    stream_completion(a.url, {"model": a.model, "prompt": "warm up", "max_tokens": 4, "stream": True})
     print(f"{'conc':>5} {'req':>5} {'err':>4} {'out tok/s':>10} {'TTFT p50/p90/p99 ms':>24} "
-          f"{'ITL p50/p90/p99 ms':>22}")
+          f"{'ITL p50/p90/p99 ms':>22} {'out/req':>8}")
     for c in [int(x) for x in a.concurrency.split(",")]:
-        r = run_level(a.url, a.model, c, a.requests, a.seed)
+        r = run_level(a.url, a.model, c, a.requests, a.seed, not a.no_ignore_eos)
         rows.append(r)
         t, i = r["ttft_ms"], r["itl_ms"]
         print(f"{c:>5} {r['requests']:>5} {r['errors']:>4} {r['output_tok_s']:>10.1f} "
-              f"{t[0]:>8.0f}/{t[1]:>6.0f}/{t[2]:>6.0f} {i[0]:>8.1f}/{i[1]:>5.1f}/{i[2]:>5.1f}",
+              f"{t[0]:>8.0f}/{t[1]:>6.0f}/{t[2]:>6.0f} {i[0]:>8.1f}/{i[1]:>5.1f}/{i[2]:>5.1f} "
+              f"{r['mean_output_tokens']:>8.1f}",
               flush=True)
+        if r["usage_mismatches"]:
+            print(f"      {r['usage_mismatches']} streams disagree with their usage token count")
         if r["first_error"]:
             print(f"      first error: {r['first_error']}")
     ttft = None

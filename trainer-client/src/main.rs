@@ -56,7 +56,7 @@ struct RlArgs {
     #[arg(long)]
     model: PathBuf,
     /// Optimiser steps.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 50)]
     steps: u64,
     /// Prompts per step.
     #[arg(long, default_value_t = 8)]
@@ -71,11 +71,14 @@ struct RlArgs {
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-5)]
+    #[arg(long, default_value_t = 5e-5)]
     lr: f64,
     /// Warm-up steps.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
+    /// Cosine decay over this many steps after warm-up, down to a tenth (0: constant).
+    #[arg(long, default_value_t = 0)]
+    decay_steps: u64,
     /// Loss: grpo, ppo-clip or tis.
     #[arg(long, default_value = "grpo")]
     loss: LossKind,
@@ -178,8 +181,8 @@ async fn rl_main<T: Elem>(a: RlArgs) -> Result<()> {
         schedule: LrSchedule {
             lr: a.lr,
             warmup_steps: a.warmup,
-            decay_steps: 0,
-            min_ratio: 1.0,
+            decay_steps: a.decay_steps,
+            min_ratio: 0.1,
         },
         adam: AdamConfig::default(),
         max_grad_norm: a.max_grad_norm,

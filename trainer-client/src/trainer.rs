@@ -9,7 +9,9 @@ use crate::optim::{
     adamw_update, clip_factor, global_norm, AdamConfig, LossScaler, LrSchedule, Moments,
 };
 use anyhow::{bail, Context, Result};
-use halfstep_model::backward::{backward, forward_tape, GradOptions, Grads, TrainWeights};
+use halfstep_model::backward::{
+    backward, forward_tape, token_logprob_backward, GradOptions, Grads, TrainWeights,
+};
 use halfstep_model::kernels::softmax::log_softmax;
 use halfstep_model::testmodel::encode;
 use halfstep_model::{ContiguousKv, Elem, Kernels, LogitsFor, Model, Span};
@@ -278,16 +280,13 @@ impl<T: Elem> Trainer<T> {
                     r.advantage,
                 );
                 loss += l;
-                // d(loss)/d(logits) = d(loss)/d(log p) · (onehot - softmax), under the scale.
-                let coeff = d * scale / n_tokens as f32;
-                let logits = &tape.logits[j * vocab..(j + 1) * vocab];
-                let out = &mut dlogits[j * vocab..(j + 1) * vocab];
-                let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
-                for (o, &x) in out.iter_mut().zip(logits) {
-                    *o = -coeff * (((x - max) as f64).exp() / sum) as f32;
-                }
-                out[target] += coeff;
+                // d(loss)/d(log p), under the loss scale, through log-softmax to the logits.
+                token_logprob_backward(
+                    &tape.logits[j * vocab..(j + 1) * vocab],
+                    target,
+                    d * scale / n_tokens as f32,
+                    &mut dlogits[j * vocab..(j + 1) * vocab],
+                );
             }
             backward(
                 &self.weights,

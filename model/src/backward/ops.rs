@@ -248,6 +248,17 @@ impl<R: Real> RopeTable<R> {
 /// Rotates each head of row `r` (at position `r`) in place, Hugging Face's "rotate half":
 /// (a, b) → (a·cos − b·sin, b·cos + a·sin) for a = first half, b = second half of the head.
 pub fn rope_forward<R: Real>(table: &RopeTable<R>, x: &mut [R], width: usize) {
+    rotate(table, x, width, false);
+}
+
+/// The gradient of [`rope_forward`] in place: the transpose of a rotation is the inverse
+/// rotation, (da, db) → (da·cos + db·sin, db·cos − da·sin).
+pub fn rope_backward<R: Real>(table: &RopeTable<R>, dx: &mut [R], width: usize) {
+    rotate(table, dx, width, true);
+}
+
+/// Rotates every head by its position's angle, or by minus that angle when `inverse`.
+fn rotate<R: Real>(table: &RopeTable<R>, x: &mut [R], width: usize, inverse: bool) {
     let rows = table.rows_of(x, width);
     let half = table.head_dim / 2;
     for (p, row) in x[..rows * width].chunks_exact_mut(width).enumerate() {
@@ -257,27 +268,9 @@ pub fn rope_forward<R: Real>(table: &RopeTable<R>, x: &mut [R], width: usize) {
             let (a, b) = head.split_at_mut(half);
             for i in 0..half {
                 let (x0, x1) = (a[i], b[i]);
-                a[i] = x0 * c[i] - x1 * s[i];
-                b[i] = x1 * c[i] + x0 * s[i];
-            }
-        }
-    }
-}
-
-/// The gradient of [`rope_forward`] in place: the transpose of a rotation is the inverse
-/// rotation, (da, db) → (da·cos + db·sin, db·cos − da·sin).
-pub fn rope_backward<R: Real>(table: &RopeTable<R>, dx: &mut [R], width: usize) {
-    let rows = table.rows_of(dx, width);
-    let half = table.head_dim / 2;
-    for (p, row) in dx[..rows * width].chunks_exact_mut(width).enumerate() {
-        let c = &table.cos[p * half..(p + 1) * half];
-        let s = &table.sin[p * half..(p + 1) * half];
-        for head in row.chunks_exact_mut(table.head_dim) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (d0, d1) = (a[i], b[i]);
-                a[i] = d0 * c[i] + d1 * s[i];
-                b[i] = d1 * c[i] - d0 * s[i];
+                let si = if inverse { -s[i] } else { s[i] };
+                a[i] = x0 * c[i] - x1 * si;
+                b[i] = x1 * c[i] + x0 * si;
             }
         }
     }

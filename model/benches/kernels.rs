@@ -1,11 +1,15 @@
-//! `cargo bench -p halfstep-model`: GEMV throughput on the default model's shapes beside the
-//! machine's measured read bandwidth, and full-forward decode time per token at batch 1.
+//! `cargo bench -p halfstep-model`: GEMM/GEMV throughput on the default model's shapes beside
+//! the machine's measured FMA peak and read bandwidth, then the full forward: prefill of a
+//! 512-token prompt and decode time per token at batch 1.
+//!
+//! `cargo bench -p halfstep-model --bench kernels -- prefill decode` runs only those sections
+//! (gemm, gemv, levels, prefill, decode), e.g. under a profiler.
 //!
 //! Figures are only comparable within one run; the machine's bandwidth moves from minute to
 //! minute, so it is measured beside every figure.
 
 use half::f16;
-use halfstep_model::kernels::bandwidth::read_bandwidth_gbs;
+use halfstep_model::kernels::bandwidth::{peak_fma_gflops, read_bandwidth_gbs};
 use halfstep_model::kernels::gemm::{matmul, Output};
 use halfstep_model::{Checkpoint, ContiguousKv, Kernels, LogitsFor, Model, SimdLevel, Span};
 use std::time::Instant;
@@ -42,12 +46,38 @@ fn gemv_gbs(kern: &Kernels, k: usize, n: usize, copies: usize, iters: usize) -> 
     ((n * k * 2) as f64 / dt / 1e9, dt * 1e6)
 }
 
+/// GFLOP/s of `m` rows through an `[n x k]` f16 matrix (weights hot in cache).
+fn gemm_gflops(kern: &Kernels, m: usize, k: usize, n: usize) -> f64 {
+    let w: Vec<f16> = (0..n * k)
+        .map(|i| f16::from_f32(((i * 7) % 13) as f32 * 0.01))
+        .collect();
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut out = vec![0f32; m * n];
+    let flops = (2 * m * n * k) as f64;
+    let iters = ((3e9 / flops) as usize).clamp(3, 20_000);
+    matmul(kern, &x, m, k, &w, n, None, Output::Round, &mut out);
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        matmul(kern, &x, m, k, &w, n, None, Output::Round, &mut out);
+    }
+    let dt = t0.elapsed().as_secs_f64() / iters as f64;
+    std::hint::black_box(&out);
+    flops / dt / 1e9
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
     // `cargo test --all-targets` runs bench binaries without `--bench`: stay quick there.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         println!("kernels bench: run with `cargo bench -p halfstep-model`");
         return;
     }
+    let picked: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |section: &str| picked.is_empty() || picked.contains(&section);
     let kern = Kernels::global();
     println!(
         "halfstep-model kernels bench: SIMD {:?}, {} threads",
@@ -56,53 +86,125 @@ fn main() {
     );
     let bw = read_bandwidth_gbs(&kern, 512 << 20, 5);
     println!("memory read bandwidth: {bw:.1} GB/s (512 MiB, best of 5, all threads)");
-    println!();
-    println!("GEMV (1 row, f16 weights), default model shapes:");
-    println!(
-        "{:<22} {:>10} {:>12} {:>10} {:>12} {:>10}",
-        "shape [out x in]", "hot GB/s", "hot us", "DRAM GB/s", "DRAM us", "DRAM/bw"
-    );
-    let shapes = [
-        ("q_proj/o_proj", 576, 576),
-        ("k_proj/v_proj", 192, 576),
-        ("gate/up_proj", 1536, 576),
-        ("down_proj", 576, 1536),
-        ("lm_head", 49152, 576),
-    ];
-    for (name, n, k) in shapes {
-        let (hot, hot_us) = gemv_gbs(&kern, k, n, 1, 2000.min(2_000_000_000 / (n * k)));
-        // Enough copies that the working set (~300 MB) exceeds every cache, as in decode.
-        let copies = (300_000_000 / (n * k * 2)).max(2);
-        let (cold, cold_us) = gemv_gbs(&kern, k, n, copies, 300);
+    let peak = peak_fma_gflops(&kern, 3);
+    println!("peak f32 FMA: {peak:.1} GFLOP/s (best of 3, all threads)");
+    if want("gemm") {
+        println!();
+        println!("GEMM (f16 weights, hot), GFLOP/s and share of the FMA peak:");
         println!(
-            "{:<22} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>9.0}%",
-            format!("{name} [{n}x{k}]"),
-            hot,
-            hot_us,
-            cold,
-            cold_us,
-            100.0 * cold / bw
+            "{:<22} {:>12} {:>12} {:>12} {:>12}",
+            "shape [out x in]", "m=4", "m=16", "m=64", "m=512"
         );
+        for (name, n, k) in [
+            ("gate/up_proj", 1536, 576),
+            ("down_proj", 576, 1536),
+            ("q_proj", 576, 576),
+        ] {
+            let cells: Vec<String> = [4, 16, 64, 512]
+                .iter()
+                .map(|&m| {
+                    let g = gemm_gflops(&kern, m, k, n);
+                    format!("{g:.0} ({:.0}%)", 100.0 * g / peak)
+                })
+                .collect();
+            println!(
+                "{:<22} {:>12} {:>12} {:>12} {:>12}",
+                format!("{name} [{n}x{k}]"),
+                cells[0],
+                cells[1],
+                cells[2],
+                cells[3]
+            );
+        }
     }
-    let levels = SimdLevel::available();
-    println!();
-    println!("GEMV gate_proj [1536x576], hot, by SIMD level (same bits at every level):");
-    for level in levels {
-        let k = Kernels::new(level, kern.pool.clone());
-        let (g, us) = gemv_gbs(&k, 576, 1536, 1, 500);
-        println!("  {level:?}: {g:.1} GB/s ({us:.1} us)");
+    if want("gemv") {
+        println!();
+        println!("GEMV (1 row, f16 weights), default model shapes:");
+        println!(
+            "{:<22} {:>10} {:>12} {:>10} {:>12} {:>10}",
+            "shape [out x in]", "hot GB/s", "hot us", "DRAM GB/s", "DRAM us", "DRAM/bw"
+        );
+        let shapes = [
+            ("q_proj/o_proj", 576, 576),
+            ("k_proj/v_proj", 192, 576),
+            ("gate/up_proj", 1536, 576),
+            ("down_proj", 576, 1536),
+            ("lm_head", 49152, 576),
+        ];
+        for (name, n, k) in shapes {
+            let (hot, hot_us) = gemv_gbs(&kern, k, n, 1, 2000.min(2_000_000_000 / (n * k)));
+            // Enough copies that the working set (~300 MB) exceeds every cache, as in decode.
+            let copies = (300_000_000 / (n * k * 2)).max(2);
+            let (cold, cold_us) = gemv_gbs(&kern, k, n, copies, 300);
+            println!(
+                "{:<22} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>9.0}%",
+                format!("{name} [{n}x{k}]"),
+                hot,
+                hot_us,
+                cold,
+                cold_us,
+                100.0 * cold / bw
+            );
+        }
     }
-
+    if want("levels") {
+        println!();
+        println!("GEMV gate_proj [1536x576], hot, by SIMD level (same bits at every level):");
+        for level in SimdLevel::available() {
+            let k = Kernels::new(level, kern.pool.clone());
+            let (g, us) = gemv_gbs(&k, 576, 1536, 1, 500);
+            println!("  {level:?}: {g:.1} GB/s ({us:.1} us)");
+        }
+    }
+    if !want("prefill") && !want("decode") {
+        return;
+    }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.is_file() {
-        println!("\ndefault model not found (scripts/fetch-default-model.sh); skipping decode");
+        println!("\ndefault model not found (scripts/fetch-default-model.sh); skipping the model");
         return;
     }
     let ck = Checkpoint::open(&path).expect("default model");
     let m = Model::<f16>::load(ck.config, &*ck.tensors, kern.clone()).expect("load");
     let c = m.config().clone();
     let weight_bytes = c.num_parameters() * 2;
+    println!();
+    if want("prefill") {
+        // Time to first token without HTTP: a 512-token prompt, logits of its last position.
+        let long: Vec<u32> = (0..512).map(|i| 100 + (i * 37) % 20000).collect();
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let mut kv = ContiguousKv::<f16>::new(c.num_hidden_layers, c.kv_dim());
+            let t0 = Instant::now();
+            let l = m
+                .forward(
+                    &[Span {
+                        seq: 0,
+                        start_pos: 0,
+                        tokens: &long,
+                        logits: LogitsFor::Last,
+                    }],
+                    &mut kv,
+                )
+                .unwrap();
+            times.push(t0.elapsed().as_secs_f64());
+            std::hint::black_box(l);
+        }
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        // Projections of every layer (the LM head runs for one row only).
+        let flops = 2.0 * 512.0 * (c.num_parameters() - c.vocab_size * c.hidden_size) as f64;
+        println!(
+            "prefill, default model f16, 512 tokens: {:.0} ms (median of 5); projections at {:.0} GFLOP/s overall = {:.0}% of the FMA peak",
+            t * 1e3,
+            flops / t / 1e9,
+            100.0 * flops / t / 1e9 / peak
+        );
+    }
+    if !want("decode") {
+        return;
+    }
     let mut kv = ContiguousKv::<f16>::new(c.num_hidden_layers, c.kv_dim());
     let prompt: Vec<u32> = (0..16).map(|i| 100 + i * 31).collect();
     let logits = m
@@ -139,7 +241,6 @@ fn main() {
     let bw_after = read_bandwidth_gbs(&kern, 512 << 20, 3);
     let bw_now = bw_before.max(bw_after);
     let limit = bw_now * 1e9 / weight_bytes as f64;
-    println!();
     println!(
         "decode, default model f16, batch 1: {:.2} ms/token = {:.1} tokens/s",
         dt * 1e3,

@@ -2,9 +2,9 @@
 
 use crate::config::ModelConfig;
 use crate::dtype::Elem;
+use crate::kernels::act::silu_gate;
 use crate::kernels::attention::{attention, AttentionShape};
-use crate::kernels::gemm::{matmul, Output};
-use crate::kernels::math::silu;
+use crate::kernels::gemm::{matmul, matmul_many, Output, Proj};
 use crate::kernels::norm::rms_norm;
 use crate::kernels::rope::Rope;
 use crate::kernels::round::round_in_place;
@@ -313,21 +313,25 @@ impl<T: Elem> Model<T> {
             return Ok(Vec::new());
         }
         let embed = self.w(self.embed);
-        let mut h = vec![0f32; m * hd];
+        // Activation buffers are the calling thread's, kept between calls: a decode step
+        // allocates nothing, and a long prefill does not fault in fresh pages every time.
+        let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let [h, xn, q, k, v, att, o, g, u] = &mut scratch;
+        let h = grown(h, m * hd);
+        let xn = grown(xn, m * hd);
+        let q = grown(q, m * qd);
+        let k = grown(k, m * kvd);
+        let v = grown(v, m * kvd);
+        let att = grown(att, m * qd);
+        let o = grown(o, m * hd);
+        let g = grown(g, m * inter);
+        let u = grown(u, m * inter);
         for (r, &t) in tokens.iter().enumerate() {
             let row = &embed[t as usize * hd..(t as usize + 1) * hd];
             for (d, &e) in h[r * hd..(r + 1) * hd].iter_mut().zip(row) {
                 *d = e.to_f32();
             }
         }
-        let mut xn = vec![0f32; m * hd];
-        let mut q = vec![0f32; m * qd];
-        let mut k = vec![0f32; m * kvd];
-        let mut v = vec![0f32; m * kvd];
-        let mut att = vec![0f32; m * qd];
-        let mut o = vec![0f32; m * hd];
-        let mut g = vec![0f32; m * inter];
-        let mut u = vec![0f32; m * inter];
         let mut kt = vec![T::default(); kvd];
         let mut vt = vec![T::default(); kvd];
         let shape = AttentionShape {
@@ -336,46 +340,40 @@ impl<T: Elem> Model<T> {
             head_dim: c.head_dim,
         };
         for (li, l) in self.layers.iter().enumerate() {
-            rms_norm(level, &h, self.w(l.attn_norm), eps, &mut xn);
+            rms_norm(level, h, self.w(l.attn_norm), eps, xn);
             let bias = |j: usize| l.qkv_bias.map(|b| self.w(b[j]));
-            matmul(
+            matmul_many(
                 kern,
-                &xn,
+                xn,
                 m,
                 hd,
-                self.w(l.q),
-                qd,
-                bias(0),
+                &mut [
+                    Proj {
+                        w: self.w(l.q),
+                        n: qd,
+                        bias: bias(0),
+                        out: q,
+                    },
+                    Proj {
+                        w: self.w(l.k),
+                        n: kvd,
+                        bias: bias(1),
+                        out: k,
+                    },
+                    Proj {
+                        w: self.w(l.v),
+                        n: kvd,
+                        bias: bias(2),
+                        out: v,
+                    },
+                ],
                 Output::Round,
-                &mut q,
-            );
-            matmul(
-                kern,
-                &xn,
-                m,
-                hd,
-                self.w(l.k),
-                kvd,
-                bias(1),
-                Output::Round,
-                &mut k,
-            );
-            matmul(
-                kern,
-                &xn,
-                m,
-                hd,
-                self.w(l.v),
-                kvd,
-                bias(2),
-                Output::Round,
-                &mut v,
             );
             for r in 0..m {
                 self.rope
-                    .apply::<T>(&mut q[r * qd..(r + 1) * qd], positions[r]);
+                    .apply_at::<T>(level, &mut q[r * qd..(r + 1) * qd], positions[r]);
                 self.rope
-                    .apply::<T>(&mut k[r * kvd..(r + 1) * kvd], positions[r]);
+                    .apply_at::<T>(level, &mut k[r * kvd..(r + 1) * kvd], positions[r]);
                 for (dst, &x) in kt.iter_mut().zip(&k[r * kvd..(r + 1) * kvd]) {
                     *dst = T::from_f32(x);
                 }
@@ -384,69 +382,52 @@ impl<T: Elem> Model<T> {
                 }
                 kv.write(li, seqs[r], positions[r], &kt, &vt);
             }
-            attention::<T>(kern, shape, li, &q, &seqs, &positions, &*kv, &mut att);
-            matmul(
+            attention::<T>(kern, shape, li, q, &seqs, &positions, &*kv, att);
+            matmul(kern, att, m, qd, self.w(l.o), hd, None, Output::Round, o);
+            add_round::<T>(level, h, o);
+            rms_norm(level, h, self.w(l.mlp_norm), eps, xn);
+            matmul_many(
                 kern,
-                &att,
-                m,
-                qd,
-                self.w(l.o),
-                hd,
-                None,
-                Output::Round,
-                &mut o,
-            );
-            add_round::<T>(level, &mut h, &o);
-            rms_norm(level, &h, self.w(l.mlp_norm), eps, &mut xn);
-            matmul(
-                kern,
-                &xn,
+                xn,
                 m,
                 hd,
-                self.w(l.gate),
-                inter,
-                None,
+                &mut [
+                    Proj {
+                        w: self.w(l.gate),
+                        n: inter,
+                        bias: None,
+                        out: g,
+                    },
+                    Proj {
+                        w: self.w(l.up),
+                        n: inter,
+                        bias: None,
+                        out: u,
+                    },
+                ],
                 Output::Round,
-                &mut g,
-            );
-            matmul(
-                kern,
-                &xn,
-                m,
-                hd,
-                self.w(l.up),
-                inter,
-                None,
-                Output::Round,
-                &mut u,
             );
             // As PyTorch in the run dtype: act(gate) is rounded, then the product.
-            for gv in g.iter_mut() {
-                *gv = silu(*gv);
-            }
-            round_in_place::<T>(level, &mut g);
-            for (gv, &uv) in g.iter_mut().zip(&u) {
-                *gv *= uv;
-            }
-            round_in_place::<T>(level, &mut g);
+            silu_gate::<T>(kern, g, u);
             matmul(
                 kern,
-                &g,
+                g,
                 m,
                 inter,
                 self.w(l.down),
                 hd,
                 None,
                 Output::Round,
-                &mut o,
+                o,
             );
-            add_round::<T>(level, &mut h, &o);
+            add_round::<T>(level, h, o);
         }
         let n = logit_rows.len();
         let mut sel = vec![0f32; n * hd];
         for (i, &r) in logit_rows.iter().enumerate() {
             sel[i * hd..(i + 1) * hd].copy_from_slice(&h[r * hd..(r + 1) * hd]);
         }
+        SCRATCH.with(|s| *s.borrow_mut() = scratch);
         let mut normed = vec![0f32; n * hd];
         rms_norm(level, &sel, self.w(self.norm), eps, &mut normed);
         let vocab = c.vocab_size;
@@ -464,6 +445,19 @@ impl<T: Elem> Model<T> {
         );
         Ok(logits)
     }
+}
+
+thread_local! {
+    /// [`Model::forward`]'s activation buffers (h, xn, q, k, v, att, o, gate, up).
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 9]> = Default::default();
+}
+
+/// The first `n` values of `v`, growing it if needed (contents unspecified: callers overwrite).
+fn grown(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
 }
 
 /// h = round(h + x), the residual add.

@@ -135,6 +135,42 @@ fn matmul_bits_independent_of_level_threads_and_batch<T: Elem>() {
 }
 
 #[test]
+fn matmul_bits_hold_across_row_blocks_of_long_reductions() {
+    // k = 4100 makes the wide-panel path split 70 rows into blocks of 64 and 6.
+    let (m, k, n) = (70, 4100, 13);
+    let x = rounded::<f16>(&common::values(6, m * k));
+    let w: Vec<f16> = to_elems(&common::values(7, n * k));
+    let b: Vec<f16> = to_elems(&common::values(8, n));
+    let mut first: Option<Vec<f32>> = None;
+    for level in SimdLevel::available() {
+        for threads in [1, 2] {
+            let kern = Kernels::with_threads(level, threads);
+            let mut out = vec![0f32; m * n];
+            matmul(&kern, &x, m, k, &w, n, Some(&b), Output::Round, &mut out);
+            match &first {
+                None => first = Some(out),
+                Some(f) => assert_eq!(f, &out, "{level:?} t{threads}"),
+            }
+        }
+    }
+    // Row 69 alone (the one-row path) equals row 69 of the batch.
+    let kern = Kernels::with_threads(SimdLevel::detect(), 2);
+    let mut alone = vec![0f32; n];
+    matmul(
+        &kern,
+        &x[69 * k..],
+        1,
+        k,
+        &w,
+        n,
+        Some(&b),
+        Output::Round,
+        &mut alone,
+    );
+    assert_eq!(alone, first.unwrap()[69 * n..]);
+}
+
+#[test]
 fn matmul_bits_do_not_depend_on_level_threads_or_batch_f16() {
     matmul_bits_independent_of_level_threads_and_batch::<f16>();
 }
@@ -192,6 +228,25 @@ fn rms_norm_matches_f64_reference() {
     rms_norm_matches_reference::<f32>();
     rms_norm_matches_reference::<f16>();
     rms_norm_matches_reference::<bf16>();
+}
+
+#[test]
+fn rope_is_identical_at_every_level() {
+    // Head widths 64 and 128 take the 16-lane path; 18 falls back to the scalar definition.
+    for hd in [18, 64, 128] {
+        let rope = Rope::new(hd, 10000.0, 300, None);
+        for pos in [0, 1, 77, 299] {
+            let x = rounded::<f16>(&common::values(40 + pos as u64, 5 * hd));
+            let mut want = x.clone();
+            rope.apply::<f16>(&mut want, pos);
+            for level in SimdLevel::available() {
+                let mut got = x.clone();
+                rope.apply_at::<f16>(level, &mut got, pos);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "hd {hd} pos {pos} {level:?}");
+            }
+        }
+    }
 }
 
 fn rope_matches_reference<T: Elem>() {
@@ -284,15 +339,11 @@ fn attention_reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec
         .collect()
 }
 
-fn attention_matches_reference<T: Elem>() {
-    let shape = AttentionShape {
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 18,
-    };
+fn attention_matches_reference<T: Elem>(shape: AttentionShape, len: usize, positions: Vec<usize>) {
     let kvd = shape.n_kv_heads * shape.head_dim;
     let qd = shape.n_heads * shape.head_dim;
-    let len = 23;
+    let hd = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
     let keys = rounded::<T>(&common::values(30, len * kvd));
     let vals = rounded::<T>(&common::values(31, len * kvd));
     let mut contiguous = ContiguousKv::<T>::new(1, kvd);
@@ -304,7 +355,6 @@ fn attention_matches_reference<T: Elem>() {
         paged.write(0, 0, p, &k, &v);
     }
     // Queries at several positions of the one sequence.
-    let positions = vec![0, 4, 5, 22];
     let q = rounded::<T>(&common::values(32, positions.len() * qd));
     let seqs = vec![0; positions.len()];
     let mut first: Option<Vec<f32>> = None;
@@ -324,16 +374,16 @@ fn attention_matches_reference<T: Elem>() {
     let out = first.unwrap();
     for (i, &pos) in positions.iter().enumerate() {
         for h in 0..shape.n_heads {
-            let kvh = h / 2;
+            let kvh = h / group;
             let ks: Vec<Vec<f32>> = (0..=pos)
-                .map(|p| keys[p * kvd + kvh * 18..p * kvd + kvh * 18 + 18].to_vec())
+                .map(|p| keys[p * kvd + kvh * hd..p * kvd + kvh * hd + hd].to_vec())
                 .collect();
             let vs: Vec<Vec<f32>> = (0..=pos)
-                .map(|p| vals[p * kvd + kvh * 18..p * kvd + kvh * 18 + 18].to_vec())
+                .map(|p| vals[p * kvd + kvh * hd..p * kvd + kvh * hd + hd].to_vec())
                 .collect();
-            let want = attention_reference(&q[i * qd + h * 18..i * qd + h * 18 + 18], &ks, &vs);
-            for d in 0..18 {
-                let got = out[i * qd + h * 18 + d] as f64;
+            let want = attention_reference(&q[i * qd + h * hd..i * qd + h * hd + hd], &ks, &vs);
+            for d in 0..hd {
+                let got = out[i * qd + h * hd + d] as f64;
                 let tol = want[d].abs() * unit::<T>() * 1.01 + 2e-6;
                 assert!(
                     (got - want[d]).abs() <= tol,
@@ -347,7 +397,23 @@ fn attention_matches_reference<T: Elem>() {
 
 #[test]
 fn attention_matches_reference_for_paged_and_contiguous_kv() {
-    attention_matches_reference::<f32>();
-    attention_matches_reference::<f16>();
-    attention_matches_reference::<bf16>();
+    let shape = |n_heads, n_kv_heads, head_dim| AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    };
+    // Odd head widths and group sizes exercise the masked tails and the head/chunk passes of
+    // the AVX-512 path; 9/3/64 is the default model's shape.
+    let cases = [
+        (shape(4, 2, 18), 23, vec![0, 4, 5, 22]),
+        (shape(9, 3, 64), 70, vec![0, 15, 16, 17, 31, 69]),
+        (shape(8, 2, 128), 40, vec![3, 39]),
+        (shape(10, 2, 80), 33, vec![0, 32]),
+        (shape(3, 3, 16), 20, vec![19]),
+    ];
+    for (s, len, positions) in cases {
+        attention_matches_reference::<f32>(s, len, positions.clone());
+        attention_matches_reference::<f16>(s, len, positions.clone());
+        attention_matches_reference::<bf16>(s, len, positions);
+    }
 }

@@ -42,7 +42,7 @@ pub enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Measure the machine's memory read bandwidth (the yardstick of memory-bound decode).
+    /// Measure the machine's memory read bandwidth and peak f32 FMA rate (decode and batching limits).
     Bandwidth {
         /// Buffer size in MiB (well beyond the last-level cache).
         #[arg(long, default_value_t = 512)]

@@ -34,6 +34,11 @@ fn main() -> anyhow::Result<()> {
                 "memory read bandwidth: {gbs:.1} GB/s ({mib} MiB, best of 5, {} threads)",
                 kern.pool.threads()
             );
+            let gflops = halfstep_model::kernels::bandwidth::peak_fma_gflops(&kern, 3);
+            println!(
+                "peak f32 FMA: {gflops:.1} GFLOP/s (best of 3, {} threads)",
+                kern.pool.threads()
+            );
             Ok(())
         }
         Command::Openapi { output } => {

@@ -69,6 +69,45 @@ pub fn attention<T: Elem>(
     let op = OutPtr(out.as_mut_ptr());
     let level = kern.level;
     let scale = 1.0 / (head_dim as f32).sqrt();
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx512 && n_heads.is_multiple_of(n_kv_heads) && head_dim <= 256 {
+        // One work item per (token, K/V head): the heads sharing K/V read each block once.
+        let group = n_heads / n_kv_heads;
+        let items = n_tok * n_kv_heads;
+        // Causal work grows with the position: split by keys visited, not by item count.
+        let ranges = split_by_cost(items, threads, |it| positions[it / n_kv_heads] + 1);
+        let job = |t: usize| {
+            let Some(range) = ranges.get(t) else { return };
+            let mut scratch = x86::Scratch::default();
+            for item in range.clone() {
+                let (i, kvh) = (item / n_kv_heads, item % n_kv_heads);
+                let off = i * q_dim + kvh * group * head_dim;
+                // SAFETY: item (i, kvh) owns these heads' slice of `out`; AVX-512 is available
+                // at this level.
+                unsafe {
+                    let dst = std::slice::from_raw_parts_mut(op.get().add(off), group * head_dim);
+                    x86::group_attention::<T>(
+                        shape,
+                        layer,
+                        &q[off..off + group * head_dim],
+                        seqs[i],
+                        positions[i] + 1,
+                        kvh,
+                        scale,
+                        kv,
+                        &mut scratch,
+                        dst,
+                    );
+                }
+            }
+        };
+        if threads == 1 || ranges.len() == 1 {
+            job(0);
+        } else {
+            kern.pool.run(&job);
+        }
+        return;
+    }
     let job = |t: usize| {
         let mut scores = Vec::new();
         let mut acc = vec![0f32; head_dim];
@@ -103,6 +142,29 @@ pub fn attention<T: Elem>(
     } else {
         kern.pool.run(&job);
     }
+}
+
+/// Splits items `0..n` into at most `parts` contiguous ranges of about equal total `cost`.
+fn split_by_cost(
+    n: usize,
+    parts: usize,
+    cost: impl Fn(usize) -> usize,
+) -> Vec<std::ops::Range<usize>> {
+    let total: usize = (0..n).map(&cost).sum();
+    let per = total.div_ceil(parts.max(1)).max(1);
+    let mut ranges = Vec::with_capacity(parts);
+    let (mut start, mut acc) = (0, 0);
+    for i in 0..n {
+        acc += cost(i);
+        if acc >= per * (ranges.len() + 1) && ranges.len() + 1 < parts {
+            ranges.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < n {
+        ranges.push(start..n);
+    }
+    ranges
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -177,5 +239,339 @@ unsafe fn axpy_avx2<T: Elem>(a: f32, x: &[T], y: &mut [f32]) {
     }
     for j in full..n {
         y[j] = a.mul_add(x[j].to_f32(), y[j]);
+    }
+}
+
+/// The AVX-512 path: the same definition as [`head_attention`] (same bits), organised for
+/// throughput. Scores of 16 keys are reduced together by a transposing tree that performs, per
+/// key, exactly the additions of the striped dot's fixed tree; exp and the division run 16 wide;
+/// the weighted sum of values keeps every head's accumulators in registers and adds positions in
+/// order with one fused multiply-add each.
+#[cfg(target_arch = "x86_64")]
+// Register tiles index accumulators by (head, chunk); iterator chains would hide that.
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use super::super::dot::x86::{load16_512, reduce16x16};
+    use super::super::math::exp;
+    use super::super::math::x86::exp512;
+    use super::*;
+    use crate::dtype::ElemKind;
+    use std::arch::x86_64::*;
+
+    /// Per-thread buffers reused across work items.
+    #[derive(Default)]
+    pub(super) struct Scratch {
+        scores: Vec<f32>,
+        qpad: Vec<f32>,
+        kbuf: Vec<f32>,
+    }
+
+    /// Mask of the first `n` (≤ 16) lanes.
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// Attention of the `g = qg.len() / head_dim` query heads that share K/V head `kvh`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn group_attention<T: Elem>(
+        shape: AttentionShape,
+        layer: usize,
+        qg: &[f32],
+        seq: usize,
+        len: usize,
+        kvh: usize,
+        scale: f32,
+        kv: &dyn KvCache<T>,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let hd = shape.head_dim;
+        let g = qg.len() / hd;
+        let kv_dim = shape.n_kv_heads * hd;
+        let hdp = hd.div_ceil(16) * 16;
+        let Scratch { scores, qpad, kbuf } = scratch;
+        // Queries zero-padded to whole chunks: padded lanes add fma(0, 0, acc) = acc, exactly
+        // as the striped dot pads its tail.
+        qpad.clear();
+        qpad.resize(g * hdp, 0.0);
+        for h in 0..g {
+            qpad[h * hdp..h * hdp + hd].copy_from_slice(&qg[h * hd..(h + 1) * hd]);
+        }
+        kbuf.clear();
+        kbuf.resize(16 * hdp, 0.0);
+        scores.clear();
+        scores.resize(g * len, 0.0);
+        {
+            let qpad = &qpad[..];
+            let kbuf = &mut kbuf[..];
+            let scores = &mut scores[..];
+            kv.read(layer, seq, len, &mut |p0, keys, _| {
+                let n = keys.len() / kv_dim;
+                let mut b = 0;
+                while b < n {
+                    let nb = (n - b).min(16);
+                    // SAFETY: the caller runs at AVX-512.
+                    unsafe {
+                        score_block(
+                            qpad,
+                            hd,
+                            hdp,
+                            g,
+                            keys,
+                            kv_dim,
+                            kvh,
+                            b,
+                            nb,
+                            kbuf,
+                            scale,
+                            scores,
+                            len,
+                            p0 + b,
+                        )
+                    };
+                    b += nb;
+                }
+            });
+        }
+        for h in 0..g {
+            softmax_row(&mut scores[h * len..(h + 1) * len]);
+        }
+        // Weighted sum of values: heads in groups of up to 4, head dims in passes of 4 chunks.
+        let chunks = hdp / 16;
+        let mut h0 = 0;
+        while h0 < g {
+            let hg = (g - h0).min(4);
+            let mut c0 = 0;
+            while c0 < chunks {
+                let pw = if chunks - c0 >= 4 { 4 } else { 1 };
+                let args = PvArgs {
+                    hd,
+                    kv_dim,
+                    kvh,
+                    len,
+                    h0,
+                    c0,
+                };
+                match (hg, pw) {
+                    (1, 4) => pv::<T, 1, 4>(layer, seq, kv, scores, args, out),
+                    (2, 4) => pv::<T, 2, 4>(layer, seq, kv, scores, args, out),
+                    (3, 4) => pv::<T, 3, 4>(layer, seq, kv, scores, args, out),
+                    (4, 4) => pv::<T, 4, 4>(layer, seq, kv, scores, args, out),
+                    (1, _) => pv::<T, 1, 1>(layer, seq, kv, scores, args, out),
+                    (2, _) => pv::<T, 2, 1>(layer, seq, kv, scores, args, out),
+                    (3, _) => pv::<T, 3, 1>(layer, seq, kv, scores, args, out),
+                    _ => pv::<T, 4, 1>(layer, seq, kv, scores, args, out),
+                }
+                c0 += pw;
+            }
+            h0 += hg;
+        }
+    }
+
+    /// Scores of keys `b..b + nb` (≤ 16) of one run for every head of the group, stored at
+    /// positions `pos..pos + nb`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn score_block<T: Elem>(
+        qpad: &[f32],
+        hd: usize,
+        hdp: usize,
+        g: usize,
+        keys: &[T],
+        kv_dim: usize,
+        kvh: usize,
+        b: usize,
+        nb: usize,
+        kbuf: &mut [f32],
+        scale: f32,
+        scores: &mut [f32],
+        len: usize,
+        pos: usize,
+    ) {
+        let chunks = hdp / 16;
+        // Key j goes to slot (j % 4) * 4 + j / 4 so that the transposing tree leaves the score
+        // of key j in lane j. Slots of missing keys stay zero.
+        for j in 0..16 {
+            let slot = (j % 4) * 4 + j / 4;
+            let dst = kbuf.as_mut_ptr().add(slot * hdp);
+            if j < nb {
+                let src = keys.as_ptr().add((b + j) * kv_dim + kvh * hd);
+                let full = hd / 16;
+                for c in 0..full {
+                    _mm512_storeu_ps(dst.add(c * 16), load16_512(src.add(c * 16)));
+                }
+                for d in full * 16..hd {
+                    *dst.add(d) = (*src.add(d)).to_f32();
+                }
+                for d in hd..hdp {
+                    *dst.add(d) = 0.0;
+                }
+            } else {
+                for c in 0..chunks {
+                    _mm512_storeu_ps(dst.add(c * 16), _mm512_setzero_ps());
+                }
+            }
+        }
+        let kp = kbuf.as_ptr();
+        for h in 0..g {
+            let qp = qpad.as_ptr().add(h * hdp);
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for c in 0..chunks {
+                let qv = _mm512_loadu_ps(qp.add(c * 16));
+                for s in 0..16 {
+                    acc[s] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kp.add(s * hdp + c * 16)), acc[s]);
+                }
+            }
+            let r = _mm512_mul_ps(reduce16x16(&acc), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores.as_mut_ptr().add(h * len + pos), lanes(nb), r);
+        }
+    }
+
+    /// p = exp(s − max) / Σ exp, summed in position order (as [`head_attention`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn softmax_row(s: &mut [f32]) {
+        let n = s.len();
+        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mv = _mm512_set1_ps(m);
+        let p = s.as_mut_ptr();
+        let mut i = 0;
+        while i + 16 <= n {
+            _mm512_storeu_ps(
+                p.add(i),
+                exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv)),
+            );
+            i += 16;
+        }
+        for x in &mut s[i..] {
+            *x = exp(*x - m);
+        }
+        let mut sum = 0f32;
+        for &x in s.iter() {
+            sum += x;
+        }
+        let sv = _mm512_set1_ps(sum);
+        let mut i = 0;
+        while i + 16 <= n {
+            _mm512_storeu_ps(p.add(i), _mm512_div_ps(_mm512_loadu_ps(p.add(i)), sv));
+            i += 16;
+        }
+        for x in &mut s[i..] {
+            *x /= sum;
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct PvArgs {
+        hd: usize,
+        kv_dim: usize,
+        kvh: usize,
+        len: usize,
+        /// First head of this pass within the group.
+        h0: usize,
+        /// First 16-lane chunk of this pass.
+        c0: usize,
+    }
+
+    /// out[h][chunk] = Σ_j p[h][j] · v_j[chunk] for heads `h0..h0+G` and chunks `c0..c0+PW`,
+    /// one fused multiply-add per position in order, then rounded to `T`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn pv<T: Elem, const G: usize, const PW: usize>(
+        layer: usize,
+        seq: usize,
+        kv: &dyn KvCache<T>,
+        probs: &[f32],
+        a: PvArgs,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); PW]; G];
+        kv.read(layer, seq, a.len, &mut |p0, _, values| {
+            // SAFETY: the caller runs at AVX-512.
+            unsafe { pv_run::<T, G, PW>(&mut acc, probs, a, p0, values) };
+        });
+        let hd = a.hd;
+        for h in 0..G {
+            for c in 0..PW {
+                let d0 = (a.c0 + c) * 16;
+                let dst = out.as_mut_ptr().add((a.h0 + h) * hd + d0);
+                let n = (hd - d0).min(16);
+                let v = acc[h][c];
+                if T::KIND == ElemKind::F16 {
+                    let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v));
+                    _mm512_mask_storeu_ps(dst, lanes(n), r);
+                } else {
+                    let mut tmp = [0f32; 16];
+                    _mm512_storeu_ps(tmp.as_mut_ptr(), v);
+                    for d in 0..n {
+                        *dst.add(d) = T::round(tmp[d]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn pv_run<T: Elem, const G: usize, const PW: usize>(
+        acc: &mut [[__m512; PW]; G],
+        probs: &[f32],
+        a: PvArgs,
+        p0: usize,
+        values: &[T],
+    ) {
+        let n = values.len() / a.kv_dim;
+        let mut local = *acc;
+        for j in 0..n {
+            let row = values.as_ptr().add(j * a.kv_dim + a.kvh * a.hd);
+            let mut w = [_mm512_setzero_ps(); PW];
+            for c in 0..PW {
+                let d0 = (a.c0 + c) * 16;
+                w[c] = if d0 + 16 <= a.hd {
+                    load16_512(row.add(d0))
+                } else {
+                    let mut tmp = [0f32; 16];
+                    for d in d0..a.hd {
+                        tmp[d - d0] = (*row.add(d)).to_f32();
+                    }
+                    _mm512_loadu_ps(tmp.as_ptr())
+                };
+            }
+            for h in 0..G {
+                let p = _mm512_set1_ps(*probs.get_unchecked((a.h0 + h) * a.len + p0 + j));
+                for c in 0..PW {
+                    local[h][c] = _mm512_fmadd_ps(p, w[c], local[h][c]);
+                }
+            }
+        }
+        *acc = local;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_by_cost;
+
+    #[test]
+    fn cost_split_covers_every_item_once_and_balances_causal_work() {
+        for (n, parts) in [(0, 2), (1, 2), (2, 2), (7, 3), (512 * 3, 2), (40, 8)] {
+            let cost = |i: usize| i / 3 + 1;
+            let ranges = split_by_cost(n, parts, cost);
+            assert!(ranges.len() <= parts);
+            let flat: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+            assert_eq!(flat, (0..n).collect::<Vec<_>>());
+            if n >= 100 {
+                let total: usize = (0..n).map(cost).sum();
+                for r in &ranges {
+                    let c: usize = r.clone().map(cost).sum();
+                    assert!(c * parts <= total + total / 50, "{c} of {total} in {r:?}");
+                }
+            }
+        }
     }
 }

@@ -120,6 +120,46 @@ pub(crate) mod x86 {
         _mm_cvtss_f32(s1)
     }
 
+    /// Reduces 16 striped accumulators at once: lane `4L + s` of the result is the fixed-tree
+    /// sum `(l, l+8) → (l, l+4) → (l, l+2) → (0, 1)` of `v[4s + L]`.
+    #[inline]
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn reduce16x16(v: &[__m512; 16]) -> __m512 {
+        // (l, l+8): lanes 0..8 of t[p] hold v[2p]'s eight sums, lanes 8..16 v[2p+1]'s.
+        let mut t = [_mm512_setzero_ps(); 8];
+        for p in 0..8 {
+            let (a, b) = (v[2 * p], v[2 * p + 1]);
+            t[p] = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            );
+        }
+        // (l, l+4): 128-bit lane L of u[q] holds v[4q + L]'s four sums.
+        let mut u = [_mm512_setzero_ps(); 4];
+        for q in 0..4 {
+            let (a, b) = (t[2 * q], t[2 * q + 1]);
+            u[q] = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            );
+        }
+        // (l, l+2): 128-bit lane L of w[r] holds two sums of v[8r + L], then two of v[8r+4+L].
+        let mut w = [_mm512_setzero_ps(); 2];
+        for r in 0..2 {
+            let (a, b) = (u[2 * r], u[2 * r + 1]);
+            w[r] = _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(a, b),
+                _mm512_shuffle_ps::<0xEE>(a, b),
+            );
+        }
+        // (0, 1): 128-bit lane L holds v[L], v[4+L], v[8+L], v[12+L].
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(w[0], w[1]),
+            _mm512_shuffle_ps::<0xDD>(w[0], w[1]),
+        )
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(crate) unsafe fn dot_avx512<T: Elem>(x: &[f32], w: &[T]) -> f32 {
         let k = x.len();

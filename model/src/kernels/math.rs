@@ -61,6 +61,94 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// dst[i] = exp(src[i] − shift), bitwise [`exp`], 16 lanes at a time where the CPU has AVX-512.
+pub fn exp_shifted(src: &[f32], shift: f32, dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "exp_shifted: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if super::SimdLevel::cached() >= super::SimdLevel::Avx512 {
+        // SAFETY: AVX-512 is available.
+        unsafe { x86::exp_shifted_avx512(src, shift, dst) };
+        return;
+    }
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = exp(x - shift);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// [`exp`] of 16 lanes: the same operations in the same order, so the same bits.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
+        let m = |a, b| _mm512_mul_ps(a, b);
+        let a = |a, b| _mm512_add_ps(a, b);
+        let s = |a, b| _mm512_sub_ps(a, b);
+        let c = _mm512_set1_ps;
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(m(
+            x,
+            c(LOG2E),
+        ));
+        let r = s(s(x, m(n, c(LN2_HI))), m(n, c(LN2_LO)));
+        let r2 = m(r, r);
+        let mut p = a(m(c(P0), r), c(P1));
+        p = a(m(p, r), c(P2));
+        p = a(m(p, r), c(P3));
+        p = a(m(p, r), c(P4));
+        p = a(m(p, r), c(P5));
+        let e = a(a(m(p, r2), r), c(1.0));
+        // scale_pow2: n1 = n / 2 truncated toward zero, n2 = n - n1.
+        let ni = _mm512_cvtps_epi32(n);
+        let n1 = _mm512_srai_epi32::<1>(_mm512_add_epi32(ni, _mm512_srli_epi32::<31>(ni)));
+        let n2 = _mm512_sub_epi32(ni, n1);
+        let pow2 = |k: __m512i| {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+                k,
+                _mm512_set1_epi32(127),
+            )))
+        };
+        let mut y = m(m(e, pow2(n1)), pow2(n2));
+        let hi = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, c(EXP_HI));
+        let lo = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, c(EXP_LO));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        y = _mm512_mask_blend_ps(hi, y, c(f32::INFINITY));
+        y = _mm512_mask_blend_ps(lo, y, _mm512_setzero_ps());
+        _mm512_mask_blend_ps(nan, y, x)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn exp_shifted_avx512(src: &[f32], shift: f32, dst: &mut [f32]) {
+        let n = src.len();
+        let s = _mm512_set1_ps(shift);
+        let mut i = 0;
+        while i < n {
+            let mask: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                (1u16 << (n - i)) - 1
+            };
+            let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
+            let e = exp512(_mm512_sub_ps(v, s));
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask, e);
+            i += 16;
+        }
+    }
+
+    /// [`silu`] of 16 lanes, bitwise.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn silu512(x: __m512) -> __m512 {
+        let neg = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(x),
+            _mm512_set1_epi32(i32::MIN),
+        ));
+        _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), exp512(neg)))
+    }
+}
+
 /// Natural logarithm used for log-softmax normalisers (one call per row).
 ///
 /// Computed in f64 and rounded once, so it is correctly rounded in practice on every libm.
@@ -87,6 +175,52 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst < 2.0, "worst error {worst} ulp");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_exp_and_silu_match_the_scalar_bits() {
+        if super::super::SimdLevel::detect() < super::super::SimdLevel::Avx512 {
+            return;
+        }
+        let mut xs: Vec<f32> = (0..200_000)
+            .map(|i| (i as f32 - 100_000.0) * 0.00117)
+            .collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            EXP_HI,
+            EXP_LO,
+            88.8,
+            -104.0,
+            -87.5,
+            -100.3,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-30,
+            -1e-30,
+            f32::MAX,
+            f32::MIN,
+        ]);
+        while !xs.len().is_multiple_of(16) {
+            xs.push(0.5);
+        }
+        for chunk in xs.chunks_exact(16) {
+            let (mut e, mut s) = ([0f32; 16], [0f32; 16]);
+            // SAFETY: AVX-512 was detected above.
+            unsafe {
+                use std::arch::x86_64::*;
+                let v = _mm512_loadu_ps(chunk.as_ptr());
+                _mm512_storeu_ps(e.as_mut_ptr(), x86::exp512(v));
+                _mm512_storeu_ps(s.as_mut_ptr(), x86::silu512(v));
+            }
+            for i in 0..16 {
+                let x = chunk[i];
+                assert_eq!(e[i].to_bits(), exp(x).to_bits(), "exp({x})");
+                assert_eq!(s[i].to_bits(), silu(x).to_bits(), "silu({x})");
+            }
+        }
     }
 
     #[test]

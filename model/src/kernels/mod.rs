@@ -3,6 +3,7 @@
 //! Every kernel accumulates in f32 with a reduction order fixed per output element (see
 //! numerics.md): results never depend on batch size, thread count, K/V layout or SIMD level.
 
+pub mod act;
 pub mod attention;
 pub mod bandwidth;
 pub mod dot;
@@ -68,6 +69,12 @@ impl SimdLevel {
             "avx512" | "avx-512" => Some(SimdLevel::Avx512),
             _ => None,
         }
+    }
+
+    /// [`from_env`](Self::from_env), read once per process (for code without a [`Kernels`]).
+    pub fn cached() -> SimdLevel {
+        static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+        *LEVEL.get_or_init(Self::from_env)
     }
 
     /// The level to use by default: `HALFSTEP_SIMD` if set (capped at what the CPU has), else

@@ -55,6 +55,25 @@ impl Rope {
         self.max_positions
     }
 
+    /// [`apply`](Self::apply) at a SIMD level (the same bits at every level).
+    pub fn apply_at<T: Elem>(&self, level: super::SimdLevel, v: &mut [f32], pos: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if level >= super::SimdLevel::Avx512
+            && T::KIND == crate::dtype::ElemKind::F16
+            && (self.head_dim / 2).is_multiple_of(16)
+        {
+            assert!(pos < self.max_positions, "rope position {pos} beyond table");
+            let half = self.head_dim / 2;
+            let c = &self.cos[pos * half..(pos + 1) * half];
+            let s = &self.sin[pos * half..(pos + 1) * half];
+            // SAFETY: AVX-512 is available at this level.
+            unsafe { rotate_f16_avx512(v, self.head_dim, c, s) };
+            return;
+        }
+        let _ = level;
+        self.apply::<T>(v, pos);
+    }
+
     /// Rotates every head of `v` (heads × head_dim, already in the run dtype) for position `pos`
     /// and rounds to `T`.
     pub fn apply<T: Elem>(&self, v: &mut [f32], pos: usize) {
@@ -69,6 +88,29 @@ impl Rope {
                 a[i] = T::round(x0 * c[i] - x1 * s[i]);
                 b[i] = T::round(x1 * c[i] + x0 * s[i]);
             }
+        }
+    }
+}
+
+/// [`Rope::apply`] for f16 with 16 lanes: the same multiplies, subtraction/addition and
+/// rounding per element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn rotate_f16_avx512(v: &mut [f32], head_dim: usize, c: &[f32], s: &[f32]) {
+    use std::arch::x86_64::*;
+    let half = head_dim / 2;
+    let round = |x: __m512| _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(x));
+    for head in v.chunks_exact_mut(head_dim) {
+        let p = head.as_mut_ptr();
+        for i in (0..half).step_by(16) {
+            let x0 = _mm512_loadu_ps(p.add(i));
+            let x1 = _mm512_loadu_ps(p.add(half + i));
+            let cv = _mm512_loadu_ps(c.as_ptr().add(i));
+            let sv = _mm512_loadu_ps(s.as_ptr().add(i));
+            let a = _mm512_sub_ps(_mm512_mul_ps(x0, cv), _mm512_mul_ps(x1, sv));
+            let b = _mm512_add_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x0, sv));
+            _mm512_storeu_ps(p.add(i), round(a));
+            _mm512_storeu_ps(p.add(half + i), round(b));
         }
     }
 }

@@ -2,7 +2,7 @@
 //! seeded sampling, and the log-probabilities the client asked for.
 
 use super::sampling_params::SamplingParams;
-use halfstep_model::kernels::math::{exp, ln};
+use halfstep_model::kernels::math::{exp, exp_shifted, ln};
 use halfstep_model::kernels::softmax::log_softmax;
 use std::cmp::Ordering;
 
@@ -218,7 +218,9 @@ fn filter(l: &[f32], p: &SamplingParams) -> Option<Vec<u32>> {
         return None;
     }
     let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f64 = l.iter().map(|&v| exp(v - m) as f64).sum();
+    let mut e = vec![0f32; l.len()];
+    exp_shifted(l, m, &mut e);
+    let z: f64 = e.iter().map(|&v| v as f64).sum();
     let order = |a: &u32, b: &u32| by_value_desc(&(*a, l[*a as usize]), &(*b, l[*b as usize]));
     // Sorting the whole vocabulary every step is slow; the kept set is almost always among
     // the most likely few hundred, so sort those and widen only if they fall short.
@@ -264,32 +266,37 @@ fn filter(l: &[f32], p: &SamplingParams) -> Option<Vec<u32>> {
 
 /// Inverse-CDF draw over the kept tokens (in their order) or the whole vocabulary (id order).
 fn draw(l: &[f32], kept: &Option<Vec<u32>>, u: f64) -> u32 {
-    let ids: Box<dyn Iterator<Item = u32> + '_> = match kept {
-        Some(k) => Box::new(k.iter().copied()),
-        None => Box::new(0..l.len() as u32),
+    let (w, id): (Vec<f32>, Box<dyn Fn(usize) -> u32 + '_>) = match kept {
+        Some(k) => {
+            let m = k
+                .iter()
+                .map(|&t| l[t as usize])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let w = k.iter().map(|&t| exp(l[t as usize] - m)).collect();
+            (w, Box::new(move |i| k[i]))
+        }
+        None => {
+            // The whole vocabulary: exponentials 16 wide (same bits as `exp`).
+            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut w = vec![0f32; l.len()];
+            exp_shifted(l, m, &mut w);
+            (w, Box::new(|i| i as u32))
+        }
     };
-    let ids: Vec<u32> = ids.collect();
-    let m = ids
-        .iter()
-        .map(|&t| l[t as usize])
-        .fold(f32::NEG_INFINITY, f32::max);
-    let w: Vec<f64> = ids.iter().map(|&t| exp(l[t as usize] - m) as f64).collect();
-    let total: f64 = w.iter().sum();
+    let total: f64 = w.iter().map(|&x| x as f64).sum();
     let target = u * total;
     let mut cum = 0f64;
-    for (&t, &wi) in ids.iter().zip(&w) {
-        cum += wi;
+    for (i, &wi) in w.iter().enumerate() {
+        cum += wi as f64;
         if cum > target && wi > 0.0 {
-            return t;
+            return id(i);
         }
     }
     // Rounding left the target at the very end: the last token with weight.
-    ids.iter()
-        .zip(&w)
-        .rev()
-        .find(|(_, &wi)| wi > 0.0)
-        .map(|(&t, _)| t)
-        .unwrap_or(ids[0])
+    w.iter()
+        .rposition(|&wi| wi > 0.0)
+        .map(&id)
+        .unwrap_or_else(|| id(0))
 }
 
 /// Log-probabilities of the distribution restricted to `kept` and renormalised.

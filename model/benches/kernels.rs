@@ -3,15 +3,18 @@
 //! 512-token prompt and decode time per token at batch 1.
 //!
 //! `cargo bench -p halfstep-model --bench kernels -- prefill decode` runs only those sections
-//! (gemm, gemv, levels, prefill, decode), e.g. under a profiler.
+//! (gemm, gemv, levels, attention, prefill, decode), e.g. under a profiler.
 //!
 //! Figures are only comparable within one run; the machine's bandwidth moves from minute to
 //! minute, so it is measured beside every figure.
 
 use half::f16;
+use halfstep_model::kernels::attention::{attention, AttentionShape};
 use halfstep_model::kernels::bandwidth::{peak_fma_gflops, read_bandwidth_gbs};
 use halfstep_model::kernels::gemm::{matmul, Output};
-use halfstep_model::{Checkpoint, ContiguousKv, Kernels, LogitsFor, Model, SimdLevel, Span};
+use halfstep_model::{
+    Checkpoint, ContiguousKv, Kernels, KvCache, LogitsFor, Model, PagedKv, SimdLevel, Span,
+};
 use std::time::Instant;
 
 fn gemv_gbs(kern: &Kernels, k: usize, n: usize, copies: usize, iters: usize) -> (f64, f64) {
@@ -63,6 +66,51 @@ fn gemm_gflops(kern: &Kernels, m: usize, k: usize, n: usize) -> f64 {
     let dt = t0.elapsed().as_secs_f64() / iters as f64;
     std::hint::black_box(&out);
     flops / dt / 1e9
+}
+
+/// Decode attention of 64 sequences with 200 cached positions each, the default model's shape
+/// (9 heads, 3 K/V heads of 64) over 30 layers of a paged cache (blocks of 16): the cache
+/// (295 MB) does not fit in any cache level, as in serving.
+fn attention_bench(kern: &Kernels, bw: f64) {
+    let (layers, seqs, ctx) = (30, 64, 200);
+    let shape = AttentionShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let kvd = 192;
+    let mut kv = PagedKv::<f16>::new(layers, kvd, 16);
+    let row: Vec<f16> = (0..kvd)
+        .map(|i| f16::from_f32((i % 7) as f32 * 0.1))
+        .collect();
+    // Positions interleaved across sequences, as a server's pool fills.
+    for p in 0..ctx {
+        for s in 0..seqs {
+            for l in 0..layers {
+                kv.write(l, s, p, &row, &row);
+            }
+        }
+    }
+    let q: Vec<f32> = (0..seqs * 576).map(|i| (i % 11) as f32 * 0.01).collect();
+    let seq_ids: Vec<usize> = (0..seqs).collect();
+    let positions = vec![ctx - 1; seqs];
+    let mut out = vec![0f32; seqs * 576];
+    let t0 = Instant::now();
+    let rounds = 5;
+    for _ in 0..rounds {
+        for l in 0..layers {
+            attention::<f16>(kern, shape, l, &q, &seq_ids, &positions, &kv, &mut out);
+        }
+    }
+    let per_layer = t0.elapsed().as_secs_f64() / (rounds * layers) as f64;
+    let bytes = (seqs * ctx * kvd * 2 * 2) as f64;
+    println!();
+    println!(
+        "attention, 64 decode rows x 200 positions (paged f16, 30 layers): {:.0} us per layer = {:.1} GB/s of K/V ({:.0}% of read bandwidth)",
+        per_layer * 1e6,
+        bytes / per_layer / 1e9,
+        100.0 * bytes / per_layer / 1e9 / bw
+    );
 }
 
 fn main() {
@@ -155,6 +203,9 @@ fn main() {
             let (g, us) = gemv_gbs(&k, 576, 1536, 1, 500);
             println!("  {level:?}: {g:.1} GB/s ({us:.1} us)");
         }
+    }
+    if want("attention") {
+        attention_bench(&kern, bw);
     }
     if !want("prefill") && !want("decode") {
         return;

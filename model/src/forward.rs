@@ -470,7 +470,7 @@ fn add_round<T: Elem>(level: SimdLevel, h: &mut [f32], x: &[f32]) {
 
 /// Rounds a tensor's f32 values to `T`, rejecting values that are or become non-finite.
 pub fn to_run_dtype<T: Elem>(name: &str, values: &[f32]) -> Result<Vec<T>, WeightError> {
-    let mut out = Vec::with_capacity(values.len());
+    let mut out = crate::mem::huge_capacity(values.len());
     for (i, &x) in values.iter().enumerate() {
         let t = T::from_f32(x);
         if !t.to_f32().is_finite() {

@@ -6,7 +6,9 @@
 use crate::dtype::Elem;
 
 /// Receives runs of consecutive positions: `(first_position, keys, values)`.
-pub type KvVisitor<'a, T> = dyn FnMut(usize, &[T], &[T]) + 'a;
+/// The slices borrow from the store itself (lifetime `'s`), so a visitor may keep them while
+/// the store stays borrowed.
+pub type KvVisitor<'a, 's, T> = dyn FnMut(usize, &'s [T], &'s [T]) + 'a;
 
 /// Storage of per-layer keys and values of sequences, in the run dtype.
 ///
@@ -16,7 +18,7 @@ pub trait KvCache<T: Elem>: Sync {
     fn write(&mut self, layer: usize, seq: usize, pos: usize, k: &[T], v: &[T]);
     /// Visits positions `0..len` of `seq` in `layer` in order, as runs of consecutive
     /// positions: `f(first_position, keys, values)` with `keys`/`values` = positions × kv_dim.
-    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, T>);
+    fn read<'s>(&'s self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, 's, T>);
 }
 
 /// One growable buffer per sequence and layer.
@@ -83,7 +85,7 @@ impl<T: Elem> KvCache<T> for ContiguousKv<T> {
         }
     }
 
-    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, T>) {
+    fn read<'s>(&'s self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, 's, T>) {
         let d = self.kv_dim;
         let (keys, values) = &self.seqs[seq][layer];
         f(0, &keys[..len * d], &values[..len * d]);
@@ -141,7 +143,7 @@ impl<T: Elem> KvCache<T> for PagedKv<T> {
         values[off * d..(off + 1) * d].copy_from_slice(v);
     }
 
-    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, T>) {
+    fn read<'s>(&'s self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, 's, T>) {
         let d = self.kv_dim;
         let mut p = 0;
         for &b in &self.tables[seq] {

@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod forward;
 pub mod kernels;
 pub mod kv;
+pub mod mem;
 pub mod testmodel;
 pub mod tokenizer;
 pub mod weights;

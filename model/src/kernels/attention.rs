@@ -71,28 +71,33 @@ pub fn attention<T: Elem>(
     let scale = 1.0 / (head_dim as f32).sqrt();
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx512 && n_heads.is_multiple_of(n_kv_heads) && head_dim <= 256 {
-        // One work item per (token, K/V head): the heads sharing K/V read each block once.
+        // A work item is a token with all its K/V heads when there are enough tokens (each
+        // block of the cache is then read whole, in order), else one (token, K/V head) pair.
+        // Either way the query heads sharing a K/V head read each block once.
         let group = n_heads / n_kv_heads;
-        let items = n_tok * n_kv_heads;
+        let per_item = if n_tok >= 4 * threads { n_kv_heads } else { 1 };
+        let slices = n_kv_heads / per_item;
+        let items = n_tok * slices;
         // Causal work grows with the position: split by keys visited, not by item count.
-        let ranges = split_by_cost(items, threads, |it| positions[it / n_kv_heads] + 1);
+        let ranges = split_by_cost(items, threads, |it| positions[it / slices] + 1);
         let job = |t: usize| {
             let Some(range) = ranges.get(t) else { return };
             let mut scratch = x86::Scratch::default();
             for item in range.clone() {
-                let (i, kvh) = (item / n_kv_heads, item % n_kv_heads);
-                let off = i * q_dim + kvh * group * head_dim;
-                // SAFETY: item (i, kvh) owns these heads' slice of `out`; AVX-512 is available
-                // at this level.
+                let (i, kvh0) = (item / slices, (item % slices) * per_item);
+                let off = i * q_dim + kvh0 * group * head_dim;
+                let width = per_item * group * head_dim;
+                // SAFETY: item (i, kvh0..) owns these heads' slice of `out`; AVX-512 is
+                // available at this level.
                 unsafe {
-                    let dst = std::slice::from_raw_parts_mut(op.get().add(off), group * head_dim);
+                    let dst = std::slice::from_raw_parts_mut(op.get().add(off), width);
                     x86::group_attention::<T>(
                         shape,
                         layer,
-                        &q[off..off + group * head_dim],
+                        &q[off..off + width],
                         seqs[i],
                         positions[i] + 1,
-                        kvh,
+                        kvh0..kvh0 + per_item,
                         scale,
                         kv,
                         &mut scratch,
@@ -276,7 +281,7 @@ mod x86 {
         }
     }
 
-    /// Attention of the `g = qg.len() / head_dim` query heads that share K/V head `kvh`.
+    /// Attention of the query heads (`qg`, contiguous) of K/V heads `kvhs`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn group_attention<T: Elem>(
@@ -285,64 +290,113 @@ mod x86 {
         qg: &[f32],
         seq: usize,
         len: usize,
-        kvh: usize,
+        kvhs: std::ops::Range<usize>,
         scale: f32,
         kv: &dyn KvCache<T>,
         scratch: &mut Scratch,
         out: &mut [f32],
     ) {
         let hd = shape.head_dim;
-        let g = qg.len() / hd;
+        let heads = qg.len() / hd;
+        let g = heads / kvhs.len();
         let kv_dim = shape.n_kv_heads * hd;
         let hdp = hd.div_ceil(16) * 16;
         let Scratch { scores, qpad, kbuf } = scratch;
         // Queries zero-padded to whole chunks: padded lanes add fma(0, 0, acc) = acc, exactly
         // as the striped dot pads its tail.
         qpad.clear();
-        qpad.resize(g * hdp, 0.0);
-        for h in 0..g {
+        qpad.resize(heads * hdp, 0.0);
+        for h in 0..heads {
             qpad[h * hdp..h * hdp + hd].copy_from_slice(&qg[h * hd..(h + 1) * hd]);
         }
         kbuf.clear();
         kbuf.resize(16 * hdp, 0.0);
         scores.clear();
-        scores.resize(g * len, 0.0);
+        scores.resize(heads * len, 0.0);
+        let mut runs: Vec<(usize, &[T], &[T])> = Vec::new();
+        kv.read(layer, seq, len, &mut |p0, k, v| runs.push((p0, k, v)));
+        if let Some(&(_, k, v)) = runs.first() {
+            prefetch_rows(k, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+            prefetch_rows(v, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+        }
         {
             let qpad = &qpad[..];
             let kbuf = &mut kbuf[..];
             let scores = &mut scores[..];
-            kv.read(layer, seq, len, &mut |p0, keys, _| {
+            for (r, &(p0, keys, _)) in runs.iter().enumerate() {
+                // Pages are scattered: fetch the next run's keys and values while this one
+                // computes (the hardware prefetchers do not cross into another page).
+                if let Some(&(_, nk, nv)) = runs.get(r + 1) {
+                    prefetch_rows(nk, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+                    prefetch_rows(nv, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+                }
                 let n = keys.len() / kv_dim;
                 let mut b = 0;
                 while b < n {
                     let nb = (n - b).min(16);
-                    // SAFETY: the caller runs at AVX-512.
-                    unsafe {
-                        score_block(
-                            qpad,
-                            hd,
-                            hdp,
-                            g,
-                            keys,
-                            kv_dim,
-                            kvh,
-                            b,
-                            nb,
-                            kbuf,
-                            scale,
-                            scores,
-                            len,
-                            p0 + b,
-                        )
-                    };
+                    for (s, kvh) in kvhs.clone().enumerate() {
+                        // SAFETY: the caller runs at AVX-512.
+                        unsafe {
+                            score_block(
+                                &qpad[s * g * hdp..(s + 1) * g * hdp],
+                                hd,
+                                hdp,
+                                g,
+                                keys,
+                                kv_dim,
+                                kvh,
+                                b,
+                                nb,
+                                kbuf,
+                                scale,
+                                &mut scores[s * g * len..(s + 1) * g * len],
+                                len,
+                                p0 + b,
+                            )
+                        };
+                    }
                     b += nb;
                 }
-            });
+            }
         }
-        for h in 0..g {
+        for h in 0..heads {
             softmax_row(&mut scores[h * len..(h + 1) * len]);
         }
-        // Weighted sum of values: heads in groups of up to 4, head dims in passes of 4 chunks.
+        for (s, kvh) in kvhs.enumerate() {
+            let probs = &scores[s * g * len..(s + 1) * g * len];
+            let dst = &mut out[s * g * hd..(s + 1) * g * hd];
+            weighted_values::<T>(&runs, probs, hd, hdp, g, kv_dim, kvh, len, dst);
+        }
+    }
+
+    /// Prefetches columns `start..start + width` of every `row`-wide row of `rows` into L1.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn prefetch_rows<T: Elem>(rows: &[T], row: usize, start: usize, width: usize) {
+        let bytes = width * std::mem::size_of::<T>();
+        for r in 0..rows.len() / row {
+            let p = rows.as_ptr().wrapping_add(r * row + start) as *const i8;
+            for off in (0..bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            }
+        }
+    }
+
+    /// Σ_j p[h][j] · v_j for the `g` heads of K/V head `kvh`, rounded to `T` into `out`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn weighted_values<T: Elem>(
+        runs: &[(usize, &[T], &[T])],
+        scores: &[f32],
+        hd: usize,
+        hdp: usize,
+        g: usize,
+        kv_dim: usize,
+        kvh: usize,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        // Heads in groups of up to 4, head dims in passes of 4 chunks.
         let chunks = hdp / 16;
         let mut h0 = 0;
         while h0 < g {
@@ -359,14 +413,14 @@ mod x86 {
                     c0,
                 };
                 match (hg, pw) {
-                    (1, 4) => pv::<T, 1, 4>(layer, seq, kv, scores, args, out),
-                    (2, 4) => pv::<T, 2, 4>(layer, seq, kv, scores, args, out),
-                    (3, 4) => pv::<T, 3, 4>(layer, seq, kv, scores, args, out),
-                    (4, 4) => pv::<T, 4, 4>(layer, seq, kv, scores, args, out),
-                    (1, _) => pv::<T, 1, 1>(layer, seq, kv, scores, args, out),
-                    (2, _) => pv::<T, 2, 1>(layer, seq, kv, scores, args, out),
-                    (3, _) => pv::<T, 3, 1>(layer, seq, kv, scores, args, out),
-                    _ => pv::<T, 4, 1>(layer, seq, kv, scores, args, out),
+                    (1, 4) => pv::<T, 1, 4>(runs, scores, args, out),
+                    (2, 4) => pv::<T, 2, 4>(runs, scores, args, out),
+                    (3, 4) => pv::<T, 3, 4>(runs, scores, args, out),
+                    (4, 4) => pv::<T, 4, 4>(runs, scores, args, out),
+                    (1, _) => pv::<T, 1, 1>(runs, scores, args, out),
+                    (2, _) => pv::<T, 2, 1>(runs, scores, args, out),
+                    (3, _) => pv::<T, 3, 1>(runs, scores, args, out),
+                    _ => pv::<T, 4, 1>(runs, scores, args, out),
                 }
                 c0 += pw;
             }
@@ -483,18 +537,15 @@ mod x86 {
     /// one fused multiply-add per position in order, then rounded to `T`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn pv<T: Elem, const G: usize, const PW: usize>(
-        layer: usize,
-        seq: usize,
-        kv: &dyn KvCache<T>,
+        runs: &[(usize, &[T], &[T])],
         probs: &[f32],
         a: PvArgs,
         out: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_ps(); PW]; G];
-        kv.read(layer, seq, a.len, &mut |p0, _, values| {
-            // SAFETY: the caller runs at AVX-512.
-            unsafe { pv_run::<T, G, PW>(&mut acc, probs, a, p0, values) };
-        });
+        for &(p0, _, values) in runs {
+            pv_run::<T, G, PW>(&mut acc, probs, a, p0, values);
+        }
         let hd = a.hd;
         for h in 0..G {
             for c in 0..PW {

@@ -27,8 +27,8 @@ impl<T: Elem> KvPool<T> {
             num_blocks,
             block_size,
             kv_dim,
-            keys: vec![T::default(); n],
-            values: vec![T::default(); n],
+            keys: halfstep_model::mem::huge_vec(n, T::default()),
+            values: halfstep_model::mem::huge_vec(n, T::default()),
         }
     }
 
@@ -83,7 +83,7 @@ impl<T: Elem> KvCache<T> for PagedView<'_, T> {
         self.pool.values[o..o + d].copy_from_slice(v);
     }
 
-    fn read(&self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, T>) {
+    fn read<'s>(&'s self, layer: usize, seq: usize, len: usize, f: &mut KvVisitor<'_, 's, T>) {
         let bs = self.pool.block_size;
         let d = self.pool.kv_dim;
         let mut p = 0;

@@ -59,6 +59,7 @@ fn silu_gate_range<T: Elem>(level: SimdLevel, g: &mut [f32], u: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::dot::x86::{lanes, round_f16_512};
     use super::super::math::x86::silu512;
     use super::*;
     use std::arch::x86_64::*;
@@ -68,7 +69,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn round512<T: Elem>(v: __m512) -> __m512 {
         if T::KIND == ElemKind::F16 {
-            _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v))
+            round_f16_512(v)
         } else {
             v
         }
@@ -80,11 +81,7 @@ mod x86 {
         let mut i = 0;
         while i < n {
             // The tail runs masked: inactive lanes are computed on zeros and never stored.
-            let mask: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - i)) - 1
-            };
+            let mask = lanes(n - i);
             let gv = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
             let uv = _mm512_maskz_loadu_ps(mask, u.as_ptr().add(i));
             let a = round512::<T>(silu512(gv));

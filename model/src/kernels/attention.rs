@@ -256,7 +256,7 @@ unsafe fn axpy_avx2<T: Elem>(a: f32, x: &[T], y: &mut [f32]) {
 // Register tiles index accumulators by (head, chunk); iterator chains would hide that.
 #[allow(clippy::needless_range_loop)]
 mod x86 {
-    use super::super::dot::x86::{load16_512, reduce16x16};
+    use super::super::dot::x86::{lanes, load16_512, reduce16x16, round_f16_512};
     use super::super::math::exp;
     use super::super::math::x86::exp512;
     use super::*;
@@ -269,16 +269,6 @@ mod x86 {
         scores: Vec<f32>,
         qpad: Vec<f32>,
         kbuf: Vec<f32>,
-    }
-
-    /// Mask of the first `n` (≤ 16) lanes.
-    #[inline]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            (1u16 << n) - 1
-        }
     }
 
     /// Attention of the query heads (`qg`, contiguous) of K/V heads `kvhs`.
@@ -554,7 +544,7 @@ mod x86 {
                 let n = (hd - d0).min(16);
                 let v = acc[h][c];
                 if T::KIND == ElemKind::F16 {
-                    let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v));
+                    let r = round_f16_512(v);
                     _mm512_mask_storeu_ps(dst, lanes(n), r);
                 } else {
                     let mut tmp = [0f32; 16];

@@ -100,6 +100,23 @@ pub(crate) mod x86 {
         }
     }
 
+    /// Mask of the first `min(n, 16)` lanes (the masked tail of a 16-wide loop).
+    #[inline]
+    pub(crate) fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// Rounds 16 lanes to f16 and back (round to nearest even, as `f16::from_f32`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn round_f16_512(v: __m512) -> __m512 {
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v))
+    }
+
     /// The fixed reduction tree over a 16-lane register.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]

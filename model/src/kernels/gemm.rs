@@ -156,16 +156,16 @@ pub fn matmul_many<T: Elem>(
     let chunks = total.div_ceil(chunk);
     let next = AtomicUsize::new(0);
     // Calls `f(projection, local columns)` for each piece of every chunk this thread takes.
-    let pieces = |f: &mut dyn FnMut(usize, std::ops::Range<usize>)| loop {
+    let pieces = |f: &mut dyn FnMut(&Part<'_, T>, std::ops::Range<usize>)| loop {
         let c = next.fetch_add(1, Ordering::Relaxed);
         if c >= chunks {
             break;
         }
         let g = c * chunk..((c + 1) * chunk).min(total);
-        for (i, p) in parts.iter().enumerate() {
+        for p in &parts {
             let (a, b) = (g.start.max(p.first), g.end.min(p.first + p.n));
             if a < b {
-                f(i, a - p.first..b - p.first);
+                f(p, a - p.first..b - p.first);
             }
         }
     };
@@ -176,20 +176,13 @@ pub fn matmul_many<T: Elem>(
             pack_rows(x, m, k, &mut xpk);
             let xpk = &xpk[..];
             let job = |_: usize| {
-                pieces(&mut |i, cols| {
-                    let Part {
-                        w,
-                        n,
-                        bias,
-                        out: op,
-                        ..
-                    } = parts[i];
+                pieces(&mut |p, cols| {
                     // SAFETY: each thread writes only its columns of every row; AVX-512 is
                     // available at this level.
                     unsafe {
-                        let store = store_fn(bias, op.get(), n);
-                        x86::packed_avx512(xpk, m, k, w, cols.clone(), &store);
-                        round_cols::<T>(level, mode, op.get(), m, n, cols);
+                        let store = store_fn(p.bias, p.out.get(), p.n);
+                        x86::packed_avx512(xpk, m, k, p.w, cols.clone(), &store);
+                        round_cols::<T>(level, mode, p.out.get(), m, p.n, cols);
                     }
                 });
             };
@@ -202,16 +195,9 @@ pub fn matmul_many<T: Elem>(
         return;
     }
     let job = |_: usize| {
-        pieces(&mut |i, cols| {
-            let Part {
-                w,
-                n,
-                bias,
-                out: op,
-                ..
-            } = parts[i];
+        pieces(&mut |p, cols| {
             // SAFETY: each thread writes only its columns of every row.
-            unsafe { matmul_cols(level, x, m, k, w, n, bias, mode, op.get(), cols) };
+            unsafe { matmul_cols(level, x, m, k, p.w, p.n, p.bias, mode, p.out.get(), cols) };
         });
     };
     if threads == 1 {

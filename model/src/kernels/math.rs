@@ -125,11 +125,7 @@ pub(crate) mod x86 {
         let s = _mm512_set1_ps(shift);
         let mut i = 0;
         while i < n {
-            let mask: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - i)) - 1
-            };
+            let mask = super::super::dot::x86::lanes(n - i);
             let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
             let e = exp512(_mm512_sub_ps(v, s));
             _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask, e);

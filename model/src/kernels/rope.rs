@@ -99,7 +99,7 @@ impl Rope {
 unsafe fn rotate_f16_avx512(v: &mut [f32], head_dim: usize, c: &[f32], s: &[f32]) {
     use std::arch::x86_64::*;
     let half = head_dim / 2;
-    let round = |x: __m512| _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(x));
+    use super::dot::x86::round_f16_512 as round;
     for head in v.chunks_exact_mut(head_dim) {
         let p = head.as_mut_ptr();
         for i in (0..half).step_by(16) {

@@ -402,7 +402,7 @@ fn pause_abort_wait_keep_and_resume() {
     // abort: in-flight streams end with finish_reason "abort"; new requests get 503.
     let url = s.url("/v1/completions");
     let h = std::thread::spawn(move || post_stream(&client(), &url, &long));
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    common::wait_running(&s);
     assert_eq!(
         admin_post(&s.url("/pause?mode=abort"), vec![]).1,
         json!({"is_paused": true})
@@ -560,31 +560,40 @@ fn updates_under_load_in_wait_continue_and_abort_modes() {
             assert!(aborted > 0, "abort mode aborts in-flight requests");
         }
     }
-    // A continue-mode response reports its spans.
+    // A continue-mode response reports its spans. The request is frozen mid-generation
+    // (pause in keep mode) while the update lands, so the test does not depend on how fast
+    // the server decodes.
     let url = s.url("/v1/completions");
     let h = std::thread::spawn(move || {
         post(
             &client(),
             &url,
-            &json!({"prompt": "span", "max_tokens": 400, "temperature": 0, "ignore_eos": true}),
+            &json!({"prompt": "span", "max_tokens": 1000, "temperature": 0, "ignore_eos": true}),
         )
     });
-    std::thread::sleep(std::time::Duration::from_millis(30));
+    common::wait_running(&s);
+    let (st, _) = admin_post(&s.url("/pause?mode=keep"), Vec::new());
+    assert_eq!(st, 200);
     let (st, _) = admin_post(
         &s.url("/update_weights?mode=continue&weight_version=1000"),
         bodies[0].clone(),
     );
     assert_eq!(st, 200);
+    let (st, _) = admin_post(&s.url("/resume"), Vec::new());
+    assert_eq!(st, 200);
     let (_, r) = h.join().unwrap();
     let ch = &r["choices"][0];
     assert_eq!(ch["weight_version"], 1000);
-    if let Some(spans) = ch["weight_versions"].as_array() {
-        assert_eq!(spans.last().unwrap()["version"], 1000);
-        assert_eq!(spans[0]["start"], 0);
-        assert_eq!(spans.last().unwrap()["end"], 400);
-        for w in spans.windows(2) {
-            assert_eq!(w[0]["end"], w[1]["start"]);
-        }
+    let spans = ch["weight_versions"]
+        .as_array()
+        .expect("a response that spans an update lists its versions");
+    assert!(spans.len() >= 2, "{spans:?}");
+    assert_ne!(spans[0]["version"], 1000);
+    assert_eq!(spans.last().unwrap()["version"], 1000);
+    assert_eq!(spans[0]["start"], 0);
+    assert_eq!(spans.last().unwrap()["end"], 1000);
+    for w in spans.windows(2) {
+        assert_eq!(w[0]["end"], w[1]["start"]);
     }
 }
 

@@ -673,7 +673,7 @@ fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
             &json!({"prompt": "finish me", "max_tokens": 400, "temperature": 0, "ignore_eos": true}),
         )
     });
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    common::wait_running(&s);
     let status = s
         .terminate(std::time::Duration::from_secs(30))
         .expect("exits after draining");
@@ -693,7 +693,7 @@ fn sigterm_stops_requests_still_running_after_the_shutdown_timeout() {
         let r = client().post(&url).json(&body).send().unwrap();
         std::io::Read::read_to_end(&mut { r }, &mut Vec::new()).ok();
     });
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    common::wait_running(&s);
     let t0 = std::time::Instant::now();
     let status = s
         .terminate(std::time::Duration::from_secs(20))

@@ -206,6 +206,19 @@ pub fn gauge(s: &Server, name: &str) -> f64 {
         .sum()
 }
 
+/// Waits until a request is running, so a test acts on in-flight work however fast the
+/// server decodes.
+pub fn wait_running(s: &Server) {
+    let t0 = std::time::Instant::now();
+    while gauge(s, "vllm:num_requests_running") < 1.0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "no request started running"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Waits until no request runs and every K/V block is free again (a leak fails the test).
 pub fn wait_idle(s: &Server) {
     let t0 = std::time::Instant::now();

@@ -74,7 +74,8 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-def run_level(url, model, conc, requests, seed, ignore_eos=True):
+def run_level(url, model, conc, requests, seed, ignore_eos=True, prompt_words=(24, 200),
+              out_tokens=(64, 128)):
     results, errors = [], []
     lock = threading.Lock()
 
@@ -83,8 +84,8 @@ def run_level(url, model, conc, requests, seed, ignore_eos=True):
         for _ in range(requests):
             body = {
                 "model": model,
-                "prompt": prompt_of(rng, rng.randint(24, 200)),
-                "max_tokens": rng.randint(64, 128),
+                "prompt": prompt_of(rng, rng.randint(*prompt_words)),
+                "max_tokens": rng.randint(*out_tokens),
                 "temperature": 0.8,
                 "seed": rng.randint(0, 1 << 30),
                 "stream": True,
@@ -149,7 +150,11 @@ def main():
     ap.add_argument("--no-ignore-eos", action="store_true",
                     help="for servers that refuse the field: outputs may then end early at EOS")
     ap.add_argument("--json", default=None, help="append results as one JSON line here")
+    ap.add_argument("--prompt-words", default="24,200", help="prompt length range, words: LO,HI")
+    ap.add_argument("--max-tokens", default="64,128", help="output length range, tokens: LO,HI")
     a = ap.parse_args()
+    prompt_words = tuple(int(x) for x in a.prompt_words.split(","))
+    out_tokens = tuple(int(x) for x in a.max_tokens.split(","))
     rows = []
     print(f"{a.label}: {a.url}")
     # Warm-up: servers that load the model on first use (transformers serve) do it here.
@@ -157,7 +162,8 @@ def main():
     print(f"{'conc':>5} {'req':>5} {'err':>4} {'out tok/s':>10} {'TTFT p50/p90/p99 ms':>24} "
           f"{'ITL p50/p90/p99 ms':>22} {'out/req':>8}")
     for c in [int(x) for x in a.concurrency.split(",")]:
-        r = run_level(a.url, a.model, c, a.requests, a.seed, not a.no_ignore_eos)
+        r = run_level(a.url, a.model, c, a.requests, a.seed, not a.no_ignore_eos, prompt_words,
+                      out_tokens)
         rows.append(r)
         t, i = r["ttft_ms"], r["itl_ms"]
         print(f"{c:>5} {r['requests']:>5} {r['errors']:>4} {r['output_tok_s']:>10.1f} "

@@ -1,6 +1,8 @@
 //! `cargo bench -p halfstep-server --bench engine`: the engine on the default model in FP16,
 //! without HTTP: decode throughput at 1, 8, 32 and 64 concurrent sequences, time to first
-//! token of a 512-token prompt, and the prefix-cache speed-up when that prompt repeats.
+//! token of a 512-token prompt, and the prefix-cache speed-up when that prompt repeats; then
+//! 64 streams of 256 tokens from short prompts (the batched-decode regime of RL rollouts) against
+//! the compute limit. Sections can be picked: `-- streams metrics ttft decode64`.
 
 use halfstep_server::engine::{EngineConfig, EngineHandle, RequestOutput, SamplingParams};
 use halfstep_server::loader;
@@ -83,10 +85,17 @@ fn time_to_first_token(e: &EngineHandle, id: &str, p: Vec<u32>) -> Duration {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
         println!("engine bench: run with `cargo bench -p halfstep-server --bench engine`");
         return;
     }
+    let picked: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |section: &str| picked.is_empty() || picked.contains(&section);
     let Some(path) = loader::default_model_path() else {
         println!("default model not found: run scripts/fetch-default-model.sh");
         return;
@@ -107,20 +116,51 @@ fn main() {
     );
     // Warm up caches and the worker pool.
     throughput(&e, 2, 16, 8, 0);
-    println!(
-        "\n{:>12} {:>16} {:>14}",
-        "concurrency", "output tok/s", "mean TTFT ms"
-    );
-    for (round, c) in [1usize, 8, 32, 64].into_iter().enumerate() {
-        let (tps, ttft) = throughput(&e, c, 32, 64, round as u32 + 1);
-        println!("{c:>12} {tps:>16.1} {:>14.1}", ttft.as_secs_f64() * 1e3);
+    if want("streams") {
+        println!(
+            "\n{:>12} {:>16} {:>14}",
+            "concurrency", "output tok/s", "mean TTFT ms"
+        );
+        for (round, c) in [1usize, 8, 32, 64].into_iter().enumerate() {
+            let (tps, ttft) = throughput(&e, c, 32, 64, round as u32 + 1);
+            println!("{c:>12} {tps:>16.1} {:>14.1}", ttft.as_secs_f64() * 1e3);
+        }
     }
-    // Metrics cost: the same load with and without a scraper rendering /metrics every 100 ms.
+    if want("decode64") {
+        decode64(&e, &loaded);
+    }
+    if want("metrics") {
+        metrics_cost(&e);
+    }
+    if want("ttft") {
+        ttft(&e);
+    }
+    e.shutdown();
+}
+
+/// 64 streams of 256 tokens from 32-token prompts: nearly all work is batched decode, so the
+/// output rate is set against the compute limit (FMA peak over 2 FLOP per parameter), measured
+/// beside it.
+fn decode64(e: &EngineHandle, loaded: &loader::LoadedModel) {
+    let kern = halfstep_model::kernels::Kernels::global();
+    let params = (loaded.weight_bytes / loaded.dtype.size_of()) as f64;
+    let peak = halfstep_model::kernels::bandwidth::peak_fma_gflops(&kern, 3);
+    let (tps, _) = throughput(e, 64, 32, 256, 70);
+    let peak_after = halfstep_model::kernels::bandwidth::peak_fma_gflops(&kern, 3);
+    let limit = peak.max(peak_after) * 1e9 / (2.0 * params);
+    println!(
+        "\n64 streams x 256 tokens (32-token prompts): {tps:.1} tok/s; FMA peak {peak:.0}/{peak_after:.0} GFLOP/s before/after => compute limit {limit:.0} tok/s; at {:.0}% of it",
+        100.0 * tps / limit
+    );
+}
+
+/// Metrics cost: the same load with and without a scraper rendering /metrics every 100 ms.
+fn metrics_cost(e: &EngineHandle) {
     let metrics = e.metrics().expect("bench engine keeps metrics");
     // Alternate quiet and scraped rounds so drift of the shared host hits both alike.
     let (mut quiet, mut scraped, mut scrapes) = (0.0, 0.0, 0);
     for round in 0..3u32 {
-        quiet += throughput(&e, 32, 32, 64, 90 + 2 * round).0;
+        quiet += throughput(e, 32, 32, 64, 90 + 2 * round).0;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let scraper = {
             let (m, stop) = (metrics.clone(), stop.clone());
@@ -134,7 +174,7 @@ fn main() {
                 n
             })
         };
-        scraped += throughput(&e, 32, 32, 64, 91 + 2 * round).0;
+        scraped += throughput(e, 32, 32, 64, 91 + 2 * round).0;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         scrapes += scraper.join().unwrap();
     }
@@ -149,9 +189,13 @@ fn main() {
         scraped / 3.0,
         scraped / quiet
     );
+}
+
+/// Time to first token of a 512-token prompt, cold and again from the prefix cache.
+fn ttft(e: &EngineHandle) {
     let p512 = prompt(424_242, 512);
-    let cold = time_to_first_token(&e, "ttft-cold", p512.clone());
-    let warm = time_to_first_token(&e, "ttft-warm", p512);
+    let cold = time_to_first_token(e, "ttft-cold", p512.clone());
+    let warm = time_to_first_token(e, "ttft-warm", p512);
     println!(
         "\nTTFT, 512-token prompt: {:.1} ms",
         cold.as_secs_f64() * 1e3
@@ -161,5 +205,4 @@ fn main() {
         warm.as_secs_f64() * 1e3,
         cold.as_secs_f64() / warm.as_secs_f64()
     );
-    e.shutdown();
 }

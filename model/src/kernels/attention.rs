@@ -257,7 +257,6 @@ unsafe fn axpy_avx2<T: Elem>(a: f32, x: &[T], y: &mut [f32]) {
 #[allow(clippy::needless_range_loop)]
 mod x86 {
     use super::super::dot::x86::{lanes, load16_512, reduce16x16, round_f16_512};
-    use super::super::math::exp;
     use super::super::math::x86::exp512;
     use super::*;
     use crate::dtype::ElemKind;
@@ -349,9 +348,7 @@ mod x86 {
                 }
             }
         }
-        for h in 0..heads {
-            softmax_row(&mut scores[h * len..(h + 1) * len]);
-        }
+        softmax_rows(&mut scores[..heads * len], len);
         for (s, kvh) in kvhs.enumerate() {
             let probs = &scores[s * g * len..(s + 1) * g * len];
             let dst = &mut out[s * g * hd..(s + 1) * g * hd];
@@ -478,37 +475,74 @@ mod x86 {
         }
     }
 
-    /// p = exp(s − max) / Σ exp, summed in position order (as [`head_attention`]).
+    /// Each `len`-long row of `s`: p = exp(s − max) / Σ exp, summed in position order (as
+    /// [`head_attention`]).
+    ///
+    /// The maximum is the same value in any order, so it is taken 16 wide. The sums must stay
+    /// in position order, one dependent add each: rows are summed side by side so that their
+    /// chains overlap instead of waiting on each other.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn softmax_row(s: &mut [f32]) {
-        let n = s.len();
-        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mv = _mm512_set1_ps(m);
+    unsafe fn softmax_rows(s: &mut [f32], len: usize) {
+        let rows = s.len() / len;
         let p = s.as_mut_ptr();
-        let mut i = 0;
-        while i + 16 <= n {
-            _mm512_storeu_ps(
-                p.add(i),
-                exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv)),
-            );
-            i += 16;
+        for r in 0..rows {
+            let row = p.add(r * len);
+            let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i < len {
+                let k = lanes(len - i);
+                let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), k, row.add(i));
+                mv = _mm512_max_ps(mv, v);
+                i += 16;
+            }
+            let mv = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+            let mut i = 0;
+            while i < len {
+                let k = lanes(len - i);
+                let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row.add(i)), mv));
+                _mm512_mask_storeu_ps(row.add(i), k, e);
+                i += 16;
+            }
         }
-        for x in &mut s[i..] {
-            *x = exp(*x - m);
+        let mut sums = vec![0f32; rows];
+        let mut r0 = 0;
+        while r0 < rows {
+            match rows - r0 {
+                1 => sums[r0] = row_sums::<1>(p.add(r0 * len), len)[0],
+                2 | 3 => sums[r0..r0 + 2].copy_from_slice(&row_sums::<2>(p.add(r0 * len), len)),
+                4..=7 => sums[r0..r0 + 4].copy_from_slice(&row_sums::<4>(p.add(r0 * len), len)),
+                _ => sums[r0..r0 + 8].copy_from_slice(&row_sums::<8>(p.add(r0 * len), len)),
+            }
+            r0 += match rows - r0 {
+                1 => 1,
+                2 | 3 => 2,
+                4..=7 => 4,
+                _ => 8,
+            };
         }
-        let mut sum = 0f32;
-        for &x in s.iter() {
-            sum += x;
+        for (r, &sum) in sums.iter().enumerate() {
+            let row = p.add(r * len);
+            let sv = _mm512_set1_ps(sum);
+            let mut i = 0;
+            while i < len {
+                let k = lanes(len - i);
+                let q = _mm512_div_ps(_mm512_maskz_loadu_ps(k, row.add(i)), sv);
+                _mm512_mask_storeu_ps(row.add(i), k, q);
+                i += 16;
+            }
         }
-        let sv = _mm512_set1_ps(sum);
-        let mut i = 0;
-        while i + 16 <= n {
-            _mm512_storeu_ps(p.add(i), _mm512_div_ps(_mm512_loadu_ps(p.add(i)), sv));
-            i += 16;
+    }
+
+    /// Σ_j of `R` consecutive `len`-long rows at `p`, each in position order.
+    #[inline]
+    unsafe fn row_sums<const R: usize>(p: *const f32, len: usize) -> [f32; R] {
+        let mut sums = [0f32; R];
+        for j in 0..len {
+            for r in 0..R {
+                sums[r] += *p.add(r * len + j);
+            }
         }
-        for x in &mut s[i..] {
-            *x /= sum;
-        }
+        sums
     }
 
     #[derive(Clone, Copy)]
@@ -568,25 +602,40 @@ mod x86 {
     ) {
         let n = values.len() / a.kv_dim;
         let mut local = *acc;
-        for j in 0..n {
-            let row = values.as_ptr().add(j * a.kv_dim + a.kvh * a.hd);
-            let mut w = [_mm512_setzero_ps(); PW];
-            for c in 0..PW {
-                let d0 = (a.c0 + c) * 16;
-                w[c] = if d0 + 16 <= a.hd {
-                    load16_512(row.add(d0))
-                } else {
-                    let mut tmp = [0f32; 16];
-                    for d in d0..a.hd {
-                        tmp[d - d0] = (*row.add(d)).to_f32();
-                    }
-                    _mm512_loadu_ps(tmp.as_ptr())
-                };
-            }
-            for h in 0..G {
-                let p = _mm512_set1_ps(*probs.get_unchecked((a.h0 + h) * a.len + p0 + j));
+        let base = values.as_ptr().add(a.kvh * a.hd + a.c0 * 16);
+        let pr = probs.as_ptr().add(a.h0 * a.len + p0);
+        if (a.c0 + PW) * 16 <= a.hd {
+            // Whole chunks: a branch-free body, so the accumulators stay in registers.
+            for j in 0..n {
+                let row = base.add(j * a.kv_dim);
+                let mut w = [_mm512_setzero_ps(); PW];
                 for c in 0..PW {
-                    local[h][c] = _mm512_fmadd_ps(p, w[c], local[h][c]);
+                    w[c] = load16_512(row.add(c * 16));
+                }
+                for h in 0..G {
+                    let p = _mm512_set1_ps(*pr.add(h * a.len + j));
+                    for c in 0..PW {
+                        local[h][c] = _mm512_fmadd_ps(p, w[c], local[h][c]);
+                    }
+                }
+            }
+        } else {
+            for j in 0..n {
+                let row = base.add(j * a.kv_dim);
+                let mut w = [_mm512_setzero_ps(); PW];
+                for c in 0..PW {
+                    let d0 = (a.c0 + c) * 16;
+                    let mut tmp = [0f32; 16];
+                    for d in d0..a.hd.min(d0 + 16) {
+                        tmp[d - d0] = (*row.add(d - a.c0 * 16)).to_f32();
+                    }
+                    w[c] = _mm512_loadu_ps(tmp.as_ptr());
+                }
+                for h in 0..G {
+                    let p = _mm512_set1_ps(*pr.add(h * a.len + j));
+                    for c in 0..PW {
+                        local[h][c] = _mm512_fmadd_ps(p, w[c], local[h][c]);
+                    }
                 }
             }
         }

@@ -502,10 +502,24 @@ mod x86 {
                     );
                 }
                 if nr == NR512 {
+                    // The next panel's weights come from memory (decode reads every weight
+                    // once a step): fetch them a few lines per tile while this panel computes,
+                    // so widening it does not stall.
+                    let next = (j + NR512).min(cols.end)..(j + 2 * NR512).min(cols.end);
+                    let nbytes = next.len() * k * std::mem::size_of::<T>();
+                    let nbase = w.as_ptr().wrapping_add(next.start * k) as *const i8;
+                    let lines = nbytes.div_ceil(64);
+                    let per_tile = lines.div_ceil(t1 - t0);
+                    let mut line = 0;
                     let mut c0 = 0;
                     while c0 < kc {
                         let c1 = (c0 + KB).min(kc);
                         for t in t0..t1 {
+                            let end = (line + per_tile).min(lines);
+                            while line < end {
+                                _mm_prefetch::<_MM_HINT_T1>(nbase.wrapping_add(line * 64));
+                                line += 1;
+                            }
                             let xt = &xpk[t * kc * PACK_MR..(t + 1) * kc * PACK_MR];
                             let acc = &mut saved[t - t0];
                             if c0 == 0 {

@@ -270,6 +270,19 @@ impl<T: Elem> Model<T> {
         spans: &[Span<'_>],
         kv: &mut dyn KvCache<T>,
     ) -> Result<Vec<f32>, ForwardError> {
+        let mut logits = Vec::new();
+        self.forward_into(spans, kv, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Model::forward`] into a caller's buffer, resized to `rows × vocab_size`: a server
+    /// that keeps one buffer does not allocate and clear megabytes of logits every step.
+    pub fn forward_into(
+        &self,
+        spans: &[Span<'_>],
+        kv: &mut dyn KvCache<T>,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ForwardError> {
         let c = &self.config;
         let kern = &self.kernels;
         let level = kern.level;
@@ -310,7 +323,8 @@ impl<T: Elem> Model<T> {
         }
         let m = tokens.len();
         if m == 0 {
-            return Ok(Vec::new());
+            logits.clear();
+            return Ok(());
         }
         let embed = self.w(self.embed);
         // Activation buffers are the calling thread's, kept between calls: a decode step
@@ -431,7 +445,11 @@ impl<T: Elem> Model<T> {
         let mut normed = vec![0f32; n * hd];
         rms_norm(level, &sel, self.w(self.norm), eps, &mut normed);
         let vocab = c.vocab_size;
-        let mut logits = vec![0f32; n * vocab];
+        // Every element is written by the projection below: only grow, never clear.
+        if logits.len() < n * vocab {
+            logits.resize(n * vocab, 0.0);
+        }
+        logits.truncate(n * vocab);
         matmul(
             kern,
             &normed,
@@ -441,9 +459,9 @@ impl<T: Elem> Model<T> {
             vocab,
             None,
             Output::F32,
-            &mut logits,
+            logits,
         );
-        Ok(logits)
+        Ok(())
     }
 }
 

@@ -298,10 +298,13 @@ mod x86 {
         for h in 0..heads {
             qpad[h * hdp..h * hdp + hd].copy_from_slice(&qg[h * hd..(h + 1) * hd]);
         }
-        kbuf.clear();
-        kbuf.resize(16 * hdp, 0.0);
-        scores.clear();
-        scores.resize(heads * len, 0.0);
+        // Every key slot and score is written before it is read: grow, never clear.
+        if kbuf.len() < 16 * hdp {
+            kbuf.resize(16 * hdp, 0.0);
+        }
+        if scores.len() < heads * len {
+            scores.resize(heads * len, 0.0);
+        }
         let mut runs: Vec<(usize, &[T], &[T])> = Vec::new();
         kv.read(layer, seq, len, &mut |p0, k, v| runs.push((p0, k, v)));
         if let Some(&(_, k, v)) = runs.first() {
@@ -310,8 +313,8 @@ mod x86 {
         }
         {
             let qpad = &qpad[..];
-            let kbuf = &mut kbuf[..];
-            let scores = &mut scores[..];
+            let kbuf = &mut kbuf[..16 * hdp];
+            let scores = &mut scores[..heads * len];
             for (r, &(p0, keys, _)) in runs.iter().enumerate() {
                 // Pages are scattered: fetch the next run's keys and values while this one
                 // computes (the hardware prefetchers do not cross into another page).

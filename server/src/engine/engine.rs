@@ -407,6 +407,8 @@ pub(super) struct Engine<T: Elem> {
     published: (u64, u64, u64),
     /// Test-only fault: panic once this many steps have run (`HALFSTEP_FAULT_ENGINE_PANIC_STEP`).
     panic_at_step: Option<u64>,
+    /// The last step's logits, kept so a step does not allocate and clear a fresh buffer.
+    logits: Vec<f32>,
 }
 
 /// Starts the engine thread for `model` and returns its handle.
@@ -487,6 +489,7 @@ pub fn start_engine<T: Elem>(
         panic_at_step: std::env::var("HALFSTEP_FAULT_ENGINE_PANIC_STEP")
             .ok()
             .and_then(|v| v.parse().ok()),
+        logits: Vec::new(),
     };
     let dead = stats.clone();
     std::thread::Builder::new()
@@ -765,7 +768,8 @@ impl<T: Elem> Engine<T> {
         for &(src, dst) in &plan.copies {
             self.pool.copy_block(src, dst);
         }
-        let logits = {
+        let mut logits = std::mem::take(&mut self.logits);
+        let done = {
             let seqs = &self.sched.seqs;
             let spans: Vec<Span> = plan
                 .scheduled
@@ -784,10 +788,10 @@ impl<T: Elem> Engine<T> {
                 .map(|s| seqs[&s.id].block_table.as_slice())
                 .collect();
             let mut view = self.pool.view(&tables);
-            self.model.forward(&spans, &mut view)
+            self.model.forward_into(&spans, &mut view, &mut logits)
         };
-        let logits = match logits {
-            Ok(l) => l,
+        match done {
+            Ok(()) => {}
             Err(e) => {
                 // Inputs are validated at submit, so this is a bug; fail the batch, keep serving.
                 tracing::error!("forward failed: {e}");
@@ -835,6 +839,7 @@ impl<T: Elem> Engine<T> {
                 }
             }
         }
+        self.logits = logits;
         for id in touched {
             self.emit(&id);
         }

@@ -130,9 +130,20 @@ pub struct SampleContext<'a> {
 /// Chooses the next token from `logits`.
 pub fn sample(logits: &[f32], cx: &SampleContext<'_>, rng: &mut SeqRng) -> Sampled {
     let p = cx.params;
-    let mut l = logits.to_vec();
-    apply_penalties(&mut l, cx);
-    if cx.output.len() < p.min_tokens {
+    let penalised =
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+    let masked = cx.output.len() < p.min_tokens;
+    // Greedy decoding of unmodified logits (the common case) reads them in place.
+    let mut l = if penalised || masked || !p.greedy() {
+        std::borrow::Cow::Owned(logits.to_vec())
+    } else {
+        std::borrow::Cow::Borrowed(logits)
+    };
+    if penalised {
+        apply_penalties(l.to_mut(), cx);
+    }
+    if masked {
+        let l = l.to_mut();
         for &t in cx.eos_token_ids.iter().chain(&p.stop_token_ids) {
             if let Some(v) = l.get_mut(t as usize) {
                 *v = f32::NEG_INFINITY;
@@ -149,7 +160,7 @@ pub fn sample(logits: &[f32], cx: &SampleContext<'_>, rng: &mut SeqRng) -> Sampl
         (token, processed)
     } else {
         let inv_t = 1.0 / p.temperature;
-        for v in l.iter_mut() {
+        for v in l.to_mut().iter_mut() {
             *v *= inv_t;
         }
         let kept = filter(&l, p);

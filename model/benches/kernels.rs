@@ -339,7 +339,7 @@ fn main() {
         )
         .unwrap();
     let mut next = argmax(&logits);
-    let steps = 64;
+    let steps = 256;
     let bw_before = read_bandwidth_gbs(&kern, 512 << 20, 3);
     let t0 = Instant::now();
     for i in 0..steps {

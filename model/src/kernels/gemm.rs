@@ -15,8 +15,8 @@ const COL_BLOCK: usize = 96;
 /// sweeps every activation row past it: converting in the inner loop would compete with the
 /// multiply-adds for the same execution ports.
 const PACK_MIN_ROWS: usize = 16;
-/// Columns a thread takes at a time in few-row calls (16 register tiles of 6).
-const CHUNK_COLS: usize = 96;
+/// Fewest columns a thread takes at a time in few-row calls (4 register tiles of 6).
+const MIN_CHUNK_COLS: usize = 24;
 /// Columns of the wide-panel path's register tile.
 const NR_PACKED: usize = 6;
 /// Below this many multiply-adds a call runs on one thread (waking workers costs more).
@@ -142,30 +142,45 @@ pub fn matmul_many<T: Elem>(
         level == SimdLevel::Avx512 && m >= PACK_MIN_ROWS && T::KIND != crate::dtype::ElemKind::F32;
     #[cfg(not(target_arch = "x86_64"))]
     let packed = false;
-    // Memory-bound calls (few rows): threads take chunks of columns from a shared counter
-    // until none are left, so a thread slowed by its neighbour or by memory does not keep the
-    // other waiting at the end. Compute-bound calls split evenly: each thread then streams one
+    // Memory-bound calls (few rows): threads take ranges of columns from a shared counter
+    // until none are left, each half of an even share of what is left (never under
+    // MIN_CHUNK_COLS), so a thread slowed by its neighbour or by memory does not keep the other
+    // waiting long at the end. Compute-bound calls split evenly: each thread then streams one
     // contiguous range of weights (measured: chunking cost them 3–5%).
-    let chunk = if threads == 1 {
-        total
+    let even = if threads == 1 {
+        Some(total)
     } else if packed {
-        total.div_ceil(threads).div_ceil(NR_PACKED) * NR_PACKED
+        Some(total.div_ceil(threads).div_ceil(NR_PACKED) * NR_PACKED)
     } else {
-        CHUNK_COLS
+        None
     };
-    let chunks = total.div_ceil(chunk);
     let next = AtomicUsize::new(0);
-    // Calls `f(projection, local columns)` for each piece of every chunk this thread takes.
-    let pieces = |f: &mut dyn FnMut(&Part<'_, T>, std::ops::Range<usize>)| loop {
-        let c = next.fetch_add(1, Ordering::Relaxed);
-        if c >= chunks {
-            break;
+    let take = || {
+        let mut start = next.load(Ordering::Relaxed);
+        loop {
+            if start >= total {
+                return None;
+            }
+            let size = even.unwrap_or_else(|| {
+                ((total - start) / (2 * threads))
+                    .next_multiple_of(NR_PACKED)
+                    .max(MIN_CHUNK_COLS)
+            });
+            let end = (start + size).min(total);
+            match next.compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(start..end),
+                Err(now) => start = now,
+            }
         }
-        let g = c * chunk..((c + 1) * chunk).min(total);
-        for p in &parts {
-            let (a, b) = (g.start.max(p.first), g.end.min(p.first + p.n));
-            if a < b {
-                f(p, a - p.first..b - p.first);
+    };
+    // Calls `f(projection, local columns)` for each piece of every range this thread takes.
+    let pieces = |f: &mut dyn FnMut(&Part<'_, T>, std::ops::Range<usize>)| {
+        while let Some(g) = take() {
+            for p in &parts {
+                let (a, b) = (g.start.max(p.first), g.end.min(p.first + p.n));
+                if a < b {
+                    f(p, a - p.first..b - p.first);
+                }
             }
         }
     };

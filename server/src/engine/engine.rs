@@ -6,7 +6,9 @@ use super::block_manager::BlockManager;
 use super::detokenizer::IncrementalDetokenizer;
 use super::hooks::{PauseMode, ScoreRequest, ScoreResult, UpdateCmd, UpdateMode, UpdateReport};
 use super::kv_pool::{BlockId, KvPool};
-use super::sampler::{sample, token_logprob, LogprobsMode, SampleContext, SeqRng, TokenLogprob};
+use super::sampler::{
+    sample, token_logprob, LogprobsMode, SampleContext, Sampled, SeqRng, TokenLogprob,
+};
 use super::sampling_params::SamplingParams;
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::{FinishReason, GeneratedToken, RequestInfo, SeqStatus, Sequence, StopReason};
@@ -16,7 +18,7 @@ use crate::weights::{StagedUpdate, Staging, WeightsView};
 use halfstep_model::kernels::softmax::log_softmax;
 use halfstep_model::{DType, Elem, LogitsFor, Model, ModelConfig, Span, Tokenizer};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -809,6 +811,8 @@ impl<T: Elem> Engine<T> {
         let vocab = self.model.config().vocab_size;
         let mut row = 0;
         let mut touched: Vec<String> = Vec::new();
+        // (sequence, offset of its logits row): sampled together once bookkeeping is done.
+        let mut to_sample: Vec<(u64, usize)> = Vec::new();
         for s in &plan.scheduled {
             let rows = match s.logits {
                 LogitsFor::None => 0,
@@ -832,13 +836,17 @@ impl<T: Elem> Engine<T> {
                 self.record_prompt_logprobs(&req_id, s.start, s.len, block);
             }
             if computed == self.sched.seqs[&s.id].tokens.len() && rows > 0 {
-                let last = &block[(rows - 1) * vocab..rows * vocab];
-                self.sample_for(s.id, last);
+                to_sample.extend(
+                    self.fork_samples(s.id)
+                        .into_iter()
+                        .map(|sid| (sid, (row - 1) * vocab)),
+                );
                 if !touched.contains(&req_id) {
                     touched.push(req_id);
                 }
             }
         }
+        self.sample_all(&to_sample, &logits, vocab);
         self.logits = logits;
         for id in touched {
             self.emit(&id);
@@ -892,8 +900,9 @@ impl<T: Elem> Engine<T> {
         }
     }
 
-    /// Samples the next token of `id` (forking `n > 1` siblings at the end of the prompt).
-    fn sample_for(&mut self, id: u64, logits: &[f32]) {
+    /// The sequences to sample from `id`'s logits: `id` itself, and its `n > 1` siblings when
+    /// its prompt just ended (they are forked here).
+    fn fork_samples(&mut self, id: u64) -> Vec<u64> {
         let (req_id, fork) = {
             let seq = &self.sched.seqs[&id];
             let st = &self.requests[&seq.request.id];
@@ -929,17 +938,61 @@ impl<T: Elem> Engine<T> {
             st.forked = true;
             st.seq_ids.extend(&ids[1..]);
         }
-        for sid in ids {
-            let seq = self.sched.seqs.get_mut(&sid).expect("sequence exists");
-            let p = &seq.request.params;
-            let cx = SampleContext {
-                params: p,
-                prompt: &seq.request.prompt,
-                output: &seq.tokens[seq.request.prompt.len()..],
-                eos_token_ids: &self.eos,
-                mode: self.cfg.logprobs_mode,
+        ids
+    }
+
+    /// Samples every `(sequence, logits offset)` of `jobs` and records the tokens. Rows are
+    /// independent (each sequence has its own random stream), so they are drawn on all kernel
+    /// threads: with 64 streams, sampling serially on this thread idled the others.
+    fn sample_all(&mut self, jobs: &[(u64, usize)], logits: &[f32], vocab: usize) {
+        let drawn: Vec<std::sync::Mutex<Option<(Sampled, SeqRng)>>> =
+            jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        {
+            let seqs = &self.sched.seqs;
+            let work: Vec<(SampleContext<'_>, &SeqRng, &[f32])> = jobs
+                .iter()
+                .map(|&(sid, off)| {
+                    let seq = &seqs[&sid];
+                    let cx = SampleContext {
+                        params: &seq.request.params,
+                        prompt: &seq.request.prompt,
+                        output: &seq.tokens[seq.request.prompt.len()..],
+                        eos_token_ids: &self.eos,
+                        mode: self.cfg.logprobs_mode,
+                    };
+                    (cx, &seq.rng, &logits[off..off + vocab])
+                })
+                .collect();
+            let next = AtomicUsize::new(0);
+            let job = |_: usize| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((cx, rng, row)) = work.get(i) else {
+                    break;
+                };
+                let mut rng = (*rng).clone();
+                let s = sample(row, cx, &mut rng);
+                *drawn[i].lock().unwrap_or_else(|e| e.into_inner()) = Some((s, rng));
             };
-            let s = sample(logits, &cx, &mut seq.rng);
+            if work.len() > 1 {
+                self.model.kernels().pool.run(&job);
+            } else {
+                job(0);
+            }
+        }
+        for (&(sid, _), d) in jobs.iter().zip(drawn) {
+            let (s, rng) = d
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every job was drawn");
+            self.record_sample(sid, s, rng);
+        }
+    }
+
+    /// Appends sampled token `s` to `sid` (whose stream is now `rng`) and updates its metrics.
+    fn record_sample(&mut self, sid: u64, s: Sampled, rng: SeqRng) {
+        {
+            let seq = self.sched.seqs.get_mut(&sid).expect("sequence exists");
+            seq.rng = rng;
             let now = Instant::now();
             if let Some(m) = self.cfg.metrics.as_deref() {
                 m.generation_tokens.inc();

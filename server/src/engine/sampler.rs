@@ -133,15 +133,24 @@ pub fn sample(logits: &[f32], cx: &SampleContext<'_>, rng: &mut SeqRng) -> Sampl
     let penalised =
         p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
     let masked = cx.output.len() < p.min_tokens;
-    // Greedy decoding of unmodified logits (the common case) reads them in place.
-    let mut l = if penalised || masked || !p.greedy() {
-        std::borrow::Cow::Owned(logits.to_vec())
+    let inv_t = (!p.greedy()).then(|| 1.0 / p.temperature);
+    // Penalties apply before the temperature; without them the copy and the scaling are one
+    // pass, and greedy decoding of unmodified logits (the common case) reads them in place.
+    let mut l = if penalised {
+        let mut l = logits.to_vec();
+        apply_penalties(&mut l, cx);
+        if let Some(s) = inv_t {
+            for v in l.iter_mut() {
+                *v *= s;
+            }
+        }
+        std::borrow::Cow::Owned(l)
+    } else if let Some(s) = inv_t {
+        std::borrow::Cow::Owned(logits.iter().map(|&v| v * s).collect())
     } else {
         std::borrow::Cow::Borrowed(logits)
     };
-    if penalised {
-        apply_penalties(l.to_mut(), cx);
-    }
+    // Masked tokens are -inf before and after scaling alike.
     if masked {
         let l = l.to_mut();
         for &t in cx.eos_token_ids.iter().chain(&p.stop_token_ids) {
@@ -159,10 +168,6 @@ pub fn sample(logits: &[f32], cx: &SampleContext<'_>, rng: &mut SeqRng) -> Sampl
         });
         (token, processed)
     } else {
-        let inv_t = 1.0 / p.temperature;
-        for v in l.to_mut().iter_mut() {
-            *v *= inv_t;
-        }
         let kept = filter(&l, p);
         let token = draw(&l, &kept, rng.uniform());
         let processed = (cx.mode == LogprobsMode::Processed && p.logprobs.is_some())

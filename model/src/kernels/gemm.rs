@@ -261,11 +261,14 @@ fn pack_rows(x: &[f32], m: usize, k: usize, xpk: &mut Vec<Chunk>) {
         for c in 0..kc {
             let dst = &mut xpk[(tile * kc + c) * PACK_MR + rr].0;
             let (a, b) = (c * LANES, ((c + 1) * LANES).min(k));
-            if r < m {
+            if r < m && b - a == LANES {
+                // A fixed-size copy: one vector move, not a memcpy call per chunk.
+                *dst = x[r * k + a..r * k + b].try_into().expect("a whole chunk");
+            } else if r < m {
                 dst[..b - a].copy_from_slice(&x[r * k + a..r * k + b]);
                 dst[b - a..].fill(0.0);
             } else {
-                dst.fill(0.0);
+                *dst = [0.0; LANES];
             }
         }
     }

@@ -9,6 +9,8 @@
 # Prints each server's table, then halfstep's output tokens/s and TTFT as ratios to each peer.
 #
 #   scripts/bench-peers.sh        # CONCURRENCY=1,8,32,64 REQUESTS=2; PEERS=llama.cpp,transformers
+#   # RL rollouts (short prompts, long samples), against llama.cpp only:
+#   LOAD_FLAGS="--prompt-words 16,32 --max-tokens 256,256" PEERS=llama.cpp scripts/bench-peers.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -17,6 +19,7 @@ PEERS_DIR="${PEERS_DIR:-$ROOT/target/peers}"
 PEERS="${PEERS:-llama.cpp,transformers}"
 CONCURRENCY="${CONCURRENCY:-1,8,32,64}"
 REQUESTS="${REQUESTS:-2}"
+LOAD_FLAGS="${LOAD_FLAGS:-}"
 THREADS="${THREADS:-$(nproc)}"
 LLAMA_VERSION=0.3.36
 LLAMA_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
@@ -74,7 +77,7 @@ serve_and_load() { # label port model-name-for-requests extra-load-flags command
     sleep 0.5
   done
   python3 scripts/bench/load.py --url "http://127.0.0.1:$port" --label "$label" ${name:+--model "$name"} \
-    --concurrency "$CONCURRENCY" --requests "$REQUESTS" --ttft-words 440 --json "$RESULTS" $flags
+    --concurrency "$CONCURRENCY" --requests "$REQUESTS" --ttft-words 440 --json "$RESULTS" $flags $LOAD_FLAGS
   stop
 }
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"

@@ -219,6 +219,24 @@ mod tests {
         }
     }
 
+    /// Attention's AVX-512 softmax takes the row maximum in another order than the portable
+    /// fold, which may pick +0 or -0 when both are the maximum; s − max then differs only in
+    /// the sign of a zero, and both must give the same bits.
+    #[test]
+    fn exp_of_either_zero_is_exactly_one() {
+        assert_eq!(exp(0.0).to_bits(), 1f32.to_bits());
+        assert_eq!(exp(-0.0).to_bits(), 1f32.to_bits());
+        // 33 values: the 16-wide path and the scalar tail.
+        let zeros: Vec<f32> = (0..33)
+            .map(|i| if i % 2 == 0 { 0.0 } else { -0.0 })
+            .collect();
+        let mut out = vec![0f32; zeros.len()];
+        for shift in [0.0, -0.0] {
+            exp_shifted(&zeros, shift, &mut out);
+            assert!(out.iter().all(|v| v.to_bits() == 1f32.to_bits()));
+        }
+    }
+
     #[test]
     fn exp_edges() {
         assert_eq!(exp(0.0), 1.0);

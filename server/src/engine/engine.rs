@@ -990,51 +990,49 @@ impl<T: Elem> Engine<T> {
 
     /// Appends sampled token `s` to `sid` (whose stream is now `rng`) and updates its metrics.
     fn record_sample(&mut self, sid: u64, s: Sampled, rng: SeqRng) {
-        {
-            let seq = self.sched.seqs.get_mut(&sid).expect("sequence exists");
-            seq.rng = rng;
-            let now = Instant::now();
-            if let Some(m) = self.cfg.metrics.as_deref() {
-                m.generation_tokens.inc();
-                match seq.last_token_at {
-                    Some(t) => m.inter_token_latency.observe((now - t).as_secs_f64()),
-                    None => {
-                        m.time_to_first_token
-                            .observe((now - seq.request.arrival).as_secs_f64());
-                        if seq.sample_index == 0 {
-                            let all = seq.prompt_len() as u64;
-                            let cached = seq.cached_prompt_tokens as u64;
-                            m.prompt_tokens.inc_by(all);
-                            m.prompt_tokens_cached.inc_by(cached);
-                            let by_source = &m.prompt_tokens_by_source;
-                            by_source
-                                .with_label_values(&["local_cache_hit"])
-                                .inc_by(cached);
-                            by_source
-                                .with_label_values(&["local_compute"])
-                                .inc_by(all - cached);
-                            m.request_prefill_kv_computed_tokens
-                                .observe((all - cached) as f64);
-                        }
-                        if let Some(f) = seq.first_scheduled {
-                            m.request_prefill_time.observe((now - f).as_secs_f64());
-                        }
+        let seq = self.sched.seqs.get_mut(&sid).expect("sequence exists");
+        seq.rng = rng;
+        let now = Instant::now();
+        if let Some(m) = self.cfg.metrics.as_deref() {
+            m.generation_tokens.inc();
+            match seq.last_token_at {
+                Some(t) => m.inter_token_latency.observe((now - t).as_secs_f64()),
+                None => {
+                    m.time_to_first_token
+                        .observe((now - seq.request.arrival).as_secs_f64());
+                    if seq.sample_index == 0 {
+                        let all = seq.prompt_len() as u64;
+                        let cached = seq.cached_prompt_tokens as u64;
+                        m.prompt_tokens.inc_by(all);
+                        m.prompt_tokens_cached.inc_by(cached);
+                        let by_source = &m.prompt_tokens_by_source;
+                        by_source
+                            .with_label_values(&["local_cache_hit"])
+                            .inc_by(cached);
+                        by_source
+                            .with_label_values(&["local_compute"])
+                            .inc_by(all - cached);
+                        m.request_prefill_kv_computed_tokens
+                            .observe((all - cached) as f64);
+                    }
+                    if let Some(f) = seq.first_scheduled {
+                        m.request_prefill_time.observe((now - f).as_secs_f64());
                     }
                 }
             }
-            if seq.first_token_at.is_none() {
-                seq.first_token_at = Some(now);
-            }
-            seq.last_token_at = Some(now);
-            seq.tokens.push(s.token);
-            seq.generated.push(GeneratedToken {
-                token: s.token,
-                logprob: s.logprob,
-                weight_version: self.weight_version,
-            });
-            seq.pending += 1;
-            check_stop(seq, &self.tokenizer, &self.eos, self.cfg.max_model_len);
         }
+        if seq.first_token_at.is_none() {
+            seq.first_token_at = Some(now);
+        }
+        seq.last_token_at = Some(now);
+        seq.tokens.push(s.token);
+        seq.generated.push(GeneratedToken {
+            token: s.token,
+            logprob: s.logprob,
+            weight_version: self.weight_version,
+        });
+        seq.pending += 1;
+        check_stop(seq, &self.tokenizer, &self.eos, self.cfg.max_model_len);
     }
 
     /// Sends what is new for each sample of a request; removes finished samples.

@@ -8,19 +8,6 @@ use crate::dtype::{Elem, ElemKind};
 /// Below this many elements the activation runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 15;
 
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-// SAFETY: threads touch disjoint ranges of the buffer.
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-
-impl Ptr {
-    // A method call makes closures capture the whole wrapper (Sync), not its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// g = round(round(silu(g)) · u), as PyTorch computes `act(gate) * up` in the run dtype.
 pub fn silu_gate<T: Elem>(kern: &Kernels, g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "silu_gate: gate and up differ in length");
@@ -31,7 +18,7 @@ pub fn silu_gate<T: Elem>(kern: &Kernels, g: &mut [f32], u: &[f32]) {
         return;
     }
     let ranges = split_range(n, kern.pool.threads(), 16);
-    let gp = Ptr(g.as_mut_ptr());
+    let gp = super::SharedOut::new(g);
     kern.pool.run(&|t| {
         let r = ranges[t].clone();
         // SAFETY: thread `t` owns elements `r` of `g`.

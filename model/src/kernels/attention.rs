@@ -21,19 +21,6 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: threads write disjoint (token, head) slices of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    // A method call makes closures capture the whole wrapper (Sync), not its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Attention for a batch of query tokens; token `i` belongs to sequence `seqs[i]` at position
 /// `positions[i]` and attends to positions `0..=positions[i]` of that sequence in `layer`.
 /// `q` is tokens × (n_heads·head_dim); `out` has the same shape.
@@ -66,7 +53,8 @@ pub fn attention<T: Elem>(
         kern.pool.threads()
     };
     let ranges = split_range(pairs, threads, 1);
-    let op = OutPtr(out.as_mut_ptr());
+    // Threads write disjoint (token, head) slices of the output.
+    let op = super::SharedOut::new(out);
     let level = kern.level;
     let scale = 1.0 / (head_dim as f32).sqrt();
     #[cfg(target_arch = "x86_64")]

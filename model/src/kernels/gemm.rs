@@ -5,7 +5,7 @@
 //! split over output columns, never over the reduction axis.
 
 use super::dot::{dot_portable, LANES};
-use super::{Kernels, SimdLevel};
+use super::{Kernels, SharedOut, SimdLevel};
 use crate::dtype::Elem;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -29,19 +29,6 @@ pub enum Output {
     Round,
     /// Keep f32 (logits).
     F32,
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: threads write disjoint column ranges of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    // A method call makes closures capture the whole wrapper (Sync), not its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `out[r, j] = Σ_k x[r, k] · w[j, k] (+ bias[j])` for `m` rows, `k` inputs, `n` outputs.
@@ -126,7 +113,7 @@ pub fn matmul_many<T: Elem>(
                 w: p.w,
                 n: p.n,
                 bias: p.bias,
-                out: OutPtr(p.out.as_mut_ptr()),
+                out: SharedOut::new(p.out),
                 first: start,
             })
         })
@@ -228,7 +215,8 @@ struct Part<'a, T: Elem> {
     w: &'a [T],
     n: usize,
     bias: Option<&'a [T]>,
-    out: OutPtr,
+    /// Threads write disjoint column ranges of it.
+    out: SharedOut,
     /// First column of this projection among all the call's output columns.
     first: usize,
 }

@@ -143,6 +143,25 @@ pub fn default_threads() -> usize {
         })
 }
 
+/// An f32 buffer shared with the pool's threads, each of which writes a disjoint part of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(*mut f32);
+// SAFETY: callers hand each thread a disjoint part of the buffer (see every use).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Wraps `buf`, which must outlive every use of the copies.
+    pub(crate) fn new(buf: &mut [f32]) -> SharedOut {
+        SharedOut(buf.as_mut_ptr())
+    }
+
+    // A method call makes closures capture the whole wrapper (Sync), not its raw field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Splits `n` items into `parts` contiguous ranges whose starts are multiples of `align`.
 pub(crate) fn split_range(n: usize, parts: usize, align: usize) -> Vec<std::ops::Range<usize>> {
     let parts = parts.max(1);

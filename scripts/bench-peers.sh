@@ -7,6 +7,8 @@
 #     the same weights exported to an HF directory in float16.
 # Peers are installed into a scratch folder (PEERS_DIR, default target/peers), never vendored.
 # Prints each server's table, then halfstep's output tokens/s and TTFT as ratios to each peer.
+# On CPUs with AMX (Intel Sapphire Rapids and later) halfstep also runs with `--kernels fast`
+# (FAST=0 skips it), so both of its modes are compared in the same run.
 #
 #   scripts/bench-peers.sh        # CONCURRENCY=1,8,32,64 REQUESTS=2; PEERS=llama.cpp,transformers
 #   # RL rollouts (short prompts, long samples), against llama.cpp only:
@@ -20,6 +22,10 @@ PEERS="${PEERS:-llama.cpp,transformers}"
 CONCURRENCY="${CONCURRENCY:-1,8,32,64}"
 REQUESTS="${REQUESTS:-2}"
 LOAD_FLAGS="${LOAD_FLAGS:-}"
+FAST="${FAST:-auto}"
+if [[ "$FAST" == auto ]]; then
+  grep -qw amx_bf16 /proc/cpuinfo && grep -qw amx_tile /proc/cpuinfo && FAST=1 || FAST=0
+fi
 THREADS="${THREADS:-$(nproc)}"
 LLAMA_VERSION=0.3.36
 LLAMA_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
@@ -69,11 +75,12 @@ stop() { [[ -n "$PID" ]] && { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null |
 trap stop EXIT
 serve_and_load() { # label port model-name-for-requests extra-load-flags command...
   local label=$1 port=$2 name=$3 flags=$4; shift 4
-  "$@" >"$PEERS_DIR/$label.log" 2>&1 &
+  local log="$PEERS_DIR/${label//[^A-Za-z0-9.]/_}.log"
+  "$@" >"$log" 2>&1 &
   PID=$!
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-    kill -0 "$PID" 2>/dev/null || { tail -20 "$PEERS_DIR/$label.log"; return 1; }
+    kill -0 "$PID" 2>/dev/null || { tail -20 "$log"; return 1; }
     sleep 0.5
   done
   python3 scripts/bench/load.py --url "http://127.0.0.1:$port" --label "$label" ${name:+--model "$name"} \
@@ -83,6 +90,10 @@ serve_and_load() { # label port model-name-for-requests extra-load-flags command
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
 target/release/halfstep bandwidth
 serve_and_load halfstep 8421 "" "" target/release/halfstep serve "$MODEL" --port 8421 --dtype float16 --max-num-seqs 64
+if [[ "$FAST" == 1 ]]; then
+  serve_and_load "halfstep --kernels fast" 8424 "" "" target/release/halfstep serve "$MODEL" --port 8424 \
+    --dtype float16 --max-num-seqs 64 --kernels fast
+fi
 if [[ ",$PEERS," == *",llama.cpp,"* ]]; then
   serve_and_load llama.cpp 8422 "" "" "$LLAMA_BIN/llama-server" -m "$F16_GGUF" --port 8422 --host 127.0.0.1 \
     -t "$THREADS" -np 64 -c $((64 * 1024)) --cont-batching
@@ -96,15 +107,16 @@ target/release/halfstep bandwidth
 python3 - "$RESULTS" <<'PY'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-base = next(r for r in runs if r["label"] == "halfstep")
-for peer in runs:
-    if peer is base:
-        continue
-    print(f"\nhalfstep / {peer['label']}:")
-    for a, b in zip(base["levels"], peer["levels"]):
-        ratio = a["output_tok_s"] / b["output_tok_s"] if b["output_tok_s"] else float("inf")
-        print(f"  {a['concurrency']:>3} clients: output tok/s {a['output_tok_s']:.1f} vs {b['output_tok_s']:.1f} = {ratio:.2f}x")
-    if base.get("ttft_long_s") and peer.get("ttft_long_s"):
-        print(f"  TTFT ~512 tokens: {1e3*base['ttft_long_s']:.0f} ms vs {1e3*peer['ttft_long_s']:.0f} ms = "
-              f"{base['ttft_long_s']/peer['ttft_long_s']:.2f}x")
+ours = [r for r in runs if r["label"].startswith("halfstep")]
+for base in ours:
+    for peer in runs:
+        if peer in ours:
+            continue
+        print(f"\n{base['label']} / {peer['label']}:")
+        for a, b in zip(base["levels"], peer["levels"]):
+            ratio = a["output_tok_s"] / b["output_tok_s"] if b["output_tok_s"] else float("inf")
+            print(f"  {a['concurrency']:>3} clients: output tok/s {a['output_tok_s']:.1f} vs {b['output_tok_s']:.1f} = {ratio:.2f}x")
+        if base.get("ttft_long_s") and peer.get("ttft_long_s"):
+            print(f"  TTFT ~512 tokens: {1e3*base['ttft_long_s']:.0f} ms vs {1e3*peer['ttft_long_s']:.0f} ms = "
+                  f"{base['ttft_long_s']/peer['ttft_long_s']:.2f}x")
 PY

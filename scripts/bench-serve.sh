@@ -6,6 +6,7 @@
 #
 #   scripts/bench-serve.sh                  # CONCURRENCY=1,8,32,64 REQUESTS=2 by default
 #   CONCURRENCY=1,8 REQUESTS=4 scripts/bench-serve.sh
+#   HALFSTEP_KERNELS=fast scripts/bench-serve.sh   # the server with --kernels fast
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
@@ -26,6 +27,6 @@ for _ in $(seq 1 120); do
   kill -0 $PID 2>/dev/null || { cat "$LOG"; exit 1; }
   sleep 0.5
 done
-python3 scripts/bench/load.py --url "http://127.0.0.1:$PORT" --label "halfstep (f16)" \
+python3 scripts/bench/load.py --url "http://127.0.0.1:$PORT" --label "halfstep (f16, ${HALFSTEP_KERNELS:-parity} kernels)" \
   --concurrency "$CONCURRENCY" --requests "$REQUESTS" --ttft-words 440 "$@"
 $BIN bandwidth

@@ -13,7 +13,7 @@ use halfstep_model::kernels::attention::{attention, AttentionShape};
 use halfstep_model::kernels::bandwidth::{peak_fma_gflops, read_bandwidth_gbs};
 use halfstep_model::kernels::gemm::{matmul, Output};
 use halfstep_model::{
-    Checkpoint, ContiguousKv, Kernels, KvCache, LogitsFor, Model, SimdLevel, Span,
+    Checkpoint, ContiguousKv, KernelMode, Kernels, KvCache, LogitsFor, Model, SimdLevel, Span,
 };
 use std::time::Instant;
 
@@ -205,33 +205,42 @@ fn main() {
     println!("memory read bandwidth: {bw:.1} GB/s (512 MiB, best of 5, all threads)");
     let peak = peak_fma_gflops(&kern, 3);
     println!("peak f32 FMA: {peak:.1} GFLOP/s (best of 3, all threads)");
+    // `--kernels fast` where this CPU has AMX: the same tables once more with it.
+    let mut modes = vec![("parity", kern.clone())];
+    if KernelMode::Fast.is_active() {
+        modes.push(("fast (AMX)", kern.clone().with_mode(KernelMode::Fast)));
+    }
     if want("gemm") {
-        println!();
-        println!("GEMM (f16 weights, hot), GFLOP/s and share of the FMA peak:");
-        println!(
-            "{:<22} {:>12} {:>12} {:>12} {:>12}",
-            "shape [out x in]", "m=4", "m=16", "m=64", "m=512"
-        );
-        for (name, n, k) in [
-            ("gate/up_proj", 1536, 576),
-            ("down_proj", 576, 1536),
-            ("q_proj", 576, 576),
-        ] {
-            let cells: Vec<String> = [4, 16, 64, 512]
-                .iter()
-                .map(|&m| {
-                    let g = gemm_gflops(&kern, m, k, n);
-                    format!("{g:.0} ({:.0}%)", 100.0 * g / peak)
-                })
-                .collect();
+        for (mode, kern) in &modes {
+            println!();
+            println!(
+                "GEMM, {mode} kernels (f16 weights, hot), GFLOP/s and share of the f32 FMA peak:"
+            );
             println!(
                 "{:<22} {:>12} {:>12} {:>12} {:>12}",
-                format!("{name} [{n}x{k}]"),
-                cells[0],
-                cells[1],
-                cells[2],
-                cells[3]
+                "shape [out x in]", "m=4", "m=16", "m=64", "m=512"
             );
+            for (name, n, k) in [
+                ("gate/up_proj", 1536, 576),
+                ("down_proj", 576, 1536),
+                ("q_proj", 576, 576),
+            ] {
+                let cells: Vec<String> = [4, 16, 64, 512]
+                    .iter()
+                    .map(|&m| {
+                        let g = gemm_gflops(kern, m, k, n);
+                        format!("{g:.0} ({:.0}%)", 100.0 * g / peak)
+                    })
+                    .collect();
+                println!(
+                    "{:<22} {:>12} {:>12} {:>12} {:>12}",
+                    format!("{name} [{n}x{k}]"),
+                    cells[0],
+                    cells[1],
+                    cells[2],
+                    cells[3]
+                );
+            }
         }
     }
     if want("gemv") {
@@ -290,8 +299,9 @@ fn main() {
     let c = m.config().clone();
     let weight_bytes = c.num_parameters() * 2;
     println!();
-    if want("prefill") {
+    for (mode, mk) in modes.iter().filter(|_| want("prefill")) {
         // Time to first token without HTTP: a 512-token prompt, logits of its last position.
+        let m = m.with_kernels(mk.clone());
         let long: Vec<u32> = (0..512).map(|i| 100 + (i * 37) % 20000).collect();
         let mut times = Vec::new();
         for _ in 0..5 {
@@ -316,7 +326,7 @@ fn main() {
         // Projections of every layer (the LM head runs for one row only).
         let flops = 2.0 * 512.0 * (c.num_parameters() - c.vocab_size * c.hidden_size) as f64;
         println!(
-            "prefill, default model f16, 512 tokens: {:.0} ms (median of 5); projections at {:.0} GFLOP/s overall = {:.0}% of the FMA peak",
+            "prefill, default model f16, {mode} kernels, 512 tokens: {:.0} ms (median of 5); projections at {:.0} GFLOP/s overall = {:.0}% of the f32 FMA peak",
             t * 1e3,
             flops / t / 1e9,
             100.0 * flops / t / 1e9 / peak

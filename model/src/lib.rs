@@ -20,7 +20,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use dtype::{DType, Elem};
 pub use forward::{ForwardError, LogitsFor, Model, Param, Span};
-pub use kernels::{Kernels, SimdLevel};
+pub use kernels::{KernelMode, Kernels, SimdLevel};
 pub use kv::{ContiguousKv, KvCache, PagedKv};
 pub use tokenizer::Tokenizer;
 pub use weights::{Checkpoint, WeightError};

@@ -5,7 +5,9 @@
 mod common;
 
 use half::f16;
-use halfstep_model::{Checkpoint, ContiguousKv, Elem, Kernels, LogitsFor, Model, Span, Tokenizer};
+use halfstep_model::{
+    Checkpoint, ContiguousKv, Elem, KernelMode, Kernels, LogitsFor, Model, Span, Tokenizer,
+};
 use serde_json::Value;
 
 fn golden() -> Value {
@@ -132,6 +134,44 @@ fn f16_forward_is_close_to_transformers_f32_logits() {
         "top-1 differs at {:?}",
         c.top1_mismatches
     );
+}
+
+#[test]
+fn f16_fast_kernels_are_as_close_to_transformers_as_parity() {
+    let Some(parity) = load::<f16>() else { return };
+    let fast = parity.with_kernels(Kernels::global().with_mode(KernelMode::Fast));
+    let g = golden();
+    let c = compare(&fast, &g, 0.25);
+    eprintln!(
+        "f16 fast kernels (AMX active: {}) vs transformers f32: max_abs {} max_rel {} top1 flips at small margins {}",
+        KernelMode::Fast.is_active(),
+        c.max_abs,
+        c.max_rel,
+        c.small_margin_mismatches
+    );
+    // The same bounds as the parity kernels: the fast path's products are within f32 summation
+    // error of the exact ones, far below the f16 rounding that dominates.
+    assert!(c.max_rel <= 0.03, "max relative error {}", c.max_rel);
+    assert!(
+        c.top1_mismatches.is_empty(),
+        "top-1 differs at {:?}",
+        c.top1_mismatches
+    );
+    // Where AMX runs, the fast path really is another computation (not bitwise parity), yet
+    // close to it.
+    let (mut max_diff, mut differ) = (0f32, 0usize);
+    for p in g["prompts"].as_array().unwrap() {
+        let mut toks = ids(&p["ids"]);
+        toks.extend(ids(&p["greedy"]));
+        let (a, b) = (all_logits(&parity, &toks), all_logits(&fast, &toks));
+        for (x, y) in a.iter().zip(&b) {
+            max_diff = max_diff.max((x - y).abs());
+            differ += (x.to_bits() != y.to_bits()) as usize;
+        }
+    }
+    eprintln!("fast vs parity logits: max |diff| {max_diff}, {differ} values differ");
+    assert!(max_diff <= 0.5, "fast and parity logits differ by {max_diff}");
+    assert_eq!(differ > 0, KernelMode::Fast.is_active());
 }
 
 fn tokenizer() -> Option<Tokenizer> {

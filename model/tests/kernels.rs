@@ -12,7 +12,7 @@ use halfstep_model::kernels::math::silu;
 use halfstep_model::kernels::norm::rms_norm;
 use halfstep_model::kernels::rope::Rope;
 use halfstep_model::kernels::softmax::{log_softmax, softmax_in_place};
-use halfstep_model::{ContiguousKv, Elem, Kernels, KvCache, PagedKv, SimdLevel};
+use halfstep_model::{ContiguousKv, Elem, KernelMode, Kernels, KvCache, PagedKv, SimdLevel};
 
 /// Unit roundoff of the storage type.
 fn unit<T: Elem>() -> f64 {
@@ -181,6 +181,130 @@ fn matmul_bits_do_not_depend_on_level_threads_or_batch_bf16() {
 #[test]
 fn matmul_bits_do_not_depend_on_level_threads_or_batch_f32() {
     matmul_bits_independent_of_level_threads_and_batch::<f32>();
+}
+
+/// `--kernels fast` (AMX tiles where present, else the parity kernels): close to the f64
+/// reference and to parity after rounding, and row bits independent of the batch and the
+/// thread count.
+fn fast_matmul_checks<T: Elem>() {
+    let fast =
+        |threads| Kernels::with_threads(SimdLevel::detect(), threads).with_mode(KernelMode::Fast);
+    // 16 rows and up take the tile path; odd sizes exercise row, column and k padding.
+    for &(m, k, n) in &[
+        (16, 31, 13),
+        (17, 40, 33),
+        (33, 100, 29),
+        (64, 576, 70),
+        (20, 1100, 7),
+    ] {
+        let x = rounded::<T>(&common::values(11, m * k));
+        let w: Vec<T> = to_elems(&common::values(12, n * k));
+        let b: Vec<T> = to_elems(&common::values(13, n));
+        for threads in [1, 2] {
+            let mut got = vec![0f32; m * n];
+            matmul(
+                &fast(threads),
+                &x,
+                m,
+                k,
+                &w,
+                n,
+                Some(&b),
+                Output::F32,
+                &mut got,
+            );
+            let mut rounded_fast = vec![0f32; m * n];
+            matmul(
+                &fast(threads),
+                &x,
+                m,
+                k,
+                &w,
+                n,
+                Some(&b),
+                Output::Round,
+                &mut rounded_fast,
+            );
+            let mut parity = vec![0f32; m * n];
+            let kern = Kernels::with_threads(SimdLevel::detect(), threads);
+            matmul(&kern, &x, m, k, &w, n, Some(&b), Output::Round, &mut parity);
+            for r in 0..m {
+                for j in 0..n {
+                    let (mut want, mut mag) = (b[j].to_f32() as f64, b[j].to_f32().abs() as f64);
+                    for i in 0..k {
+                        let p = x[r * k + i] as f64 * w[j * k + i].to_f32() as f64;
+                        want += p;
+                        mag += p.abs();
+                    }
+                    // f32 accumulation, plus the dropped lo·lo products (below 2^-14 each).
+                    let tol = (k as f64 + 2.0) * 6e-8 * mag + 2f64.powi(-14) * mag;
+                    let at = r * n + j;
+                    assert!(
+                        (got[at] as f64 - want).abs() <= tol,
+                        "{:?} m{m} k{k} n{n} t{threads} [{r},{j}]: {} vs {want}",
+                        T::DTYPE,
+                        got[at]
+                    );
+                    // Both sums are within `tol` of the exact one, then each rounding moves it by
+                    // at most half an ulp.
+                    let ulp = unit::<T>() * 2.0 * want.abs();
+                    assert!(
+                        (rounded_fast[at] as f64 - parity[at] as f64).abs() <= 2.0 * tol + ulp,
+                        "{:?} m{m} k{k} n{n} [{r},{j}]: fast {} parity {}",
+                        T::DTYPE,
+                        rounded_fast[at],
+                        parity[at]
+                    );
+                }
+            }
+        }
+    }
+    // Row bits do not depend on how many rows share the call or on the thread count.
+    let (rows, k, n) = (37, 157, 83);
+    let x = rounded::<T>(&common::values(14, rows * k));
+    let w: Vec<T> = to_elems(&common::values(15, n * k));
+    let mut reference = vec![0f32; rows * n];
+    matmul(
+        &fast(1),
+        &x,
+        rows,
+        k,
+        &w,
+        n,
+        None,
+        Output::F32,
+        &mut reference,
+    );
+    for threads in [1, 2, 3] {
+        for m in [16, 17, 31, 32, 33, 37] {
+            let mut out = vec![0f32; m * n];
+            matmul(
+                &fast(threads),
+                &x[..m * k],
+                m,
+                k,
+                &w,
+                n,
+                None,
+                Output::F32,
+                &mut out,
+            );
+            assert_eq!(out, reference[..m * n], "t{threads} m{m}");
+        }
+    }
+}
+
+#[test]
+fn fast_matmul_is_close_and_batch_invariant_f16() {
+    fast_matmul_checks::<f16>();
+}
+#[test]
+fn fast_matmul_is_close_and_batch_invariant_bf16() {
+    fast_matmul_checks::<bf16>();
+}
+#[test]
+fn fast_matmul_is_close_and_batch_invariant_f32() {
+    fast_matmul_checks::<f32>();
 }
 
 #[test]

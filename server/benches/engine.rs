@@ -118,14 +118,27 @@ fn main() {
         metrics: Some(metrics),
         ..EngineConfig::default()
     };
-    let (e, loaded) = loader::start(&path, halfstep_model::DType::Float16, cfg, &mut |_, _| {})
-        .expect("loading the default model");
+    // HALFSTEP_KERNELS=fast measures the fast kernels (AMX where present).
+    let mode = halfstep_model::KernelMode::from_env();
+    let (e, loaded) = loader::start(
+        &path,
+        halfstep_model::DType::Float16,
+        mode,
+        cfg,
+        &mut |_, _| {},
+    )
+    .expect("loading the default model");
     println!(
-        "engine bench: {} in {}, {} threads, SIMD {:?}",
+        "engine bench: {} in {}, {} threads, SIMD {:?}, {} kernels",
         path.display(),
         loaded.dtype,
         halfstep_model::kernels::default_threads(),
-        halfstep_model::SimdLevel::from_env()
+        halfstep_model::SimdLevel::from_env(),
+        if mode.is_active() {
+            "fast (AMX)"
+        } else {
+            "parity"
+        }
     );
     // Warm up caches and the worker pool.
     throughput(&e, 2, 16, 8, 0);

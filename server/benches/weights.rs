@@ -23,6 +23,7 @@ fn main() {
     let (engine, _) = loader::start(
         &path,
         DType::Float16,
+        halfstep_model::KernelMode::Parity,
         EngineConfig::default(),
         &mut |_, _| {},
     )

@@ -6,7 +6,7 @@ use crate::loader;
 use crate::metrics::Metrics;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use halfstep_model::DType;
+use halfstep_model::{DType, KernelMode};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,6 +58,10 @@ pub struct EngineArgs {
     /// Run dtype: float16 (default; `auto` and `half` mean float16), bfloat16 or float32.
     #[arg(long, default_value = "float16")]
     pub dtype: String,
+    /// Matrix-product kernels: `parity` (default; bitwise equal to the trainer's) or `fast`
+    /// (AMX tiles where the CPU has them; not bitwise equal, see README "Fast kernels").
+    #[arg(long, default_value = "parity", env = "HALFSTEP_KERNELS")]
+    pub kernels: String,
     /// Longest prompt + output (default: the model's context).
     #[arg(long)]
     pub max_model_len: Option<usize>,
@@ -224,7 +228,23 @@ impl EngineArgs {
     ) -> anyhow::Result<(crate::engine::EngineHandle, loader::LoadedModel, PathBuf)> {
         let path = self.model_path()?;
         let dtype = self.dtype()?;
-        tracing::info!("loading {} in {dtype}", path.display());
+        let kernels = KernelMode::parse(&self.kernels)
+            .with_context(|| format!("--kernels {:?}: expected parity or fast", self.kernels))?;
+        if kernels == KernelMode::Fast && !kernels.is_active() {
+            tracing::warn!(
+                "--kernels fast: this CPU has no AMX (or the kernel refused its tile state); \
+                 running the parity kernels"
+            );
+        }
+        tracing::info!(
+            "loading {} in {dtype}, {} kernels",
+            path.display(),
+            if kernels.is_active() {
+                "fast (AMX)"
+            } else {
+                "parity"
+            }
+        );
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
             indicatif::ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} tensors")
@@ -235,7 +255,7 @@ impl EngineArgs {
             metrics,
             ..self.engine_config()?
         };
-        let (engine, loaded) = loader::start(&path, dtype, cfg, &mut |d, t| {
+        let (engine, loaded) = loader::start(&path, dtype, kernels, cfg, &mut |d, t| {
             bar.set_length(t as u64);
             bar.set_position(d as u64);
         })?;

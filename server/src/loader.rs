@@ -4,7 +4,7 @@
 use crate::engine::{start_engine, EngineConfig, EngineHandle};
 use anyhow::Context;
 use half::{bf16, f16};
-use halfstep_model::{Checkpoint, DType, Elem, Kernels, Model, ModelConfig, Tokenizer};
+use halfstep_model::{Checkpoint, DType, Elem, KernelMode, Kernels, Model, ModelConfig, Tokenizer};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -37,6 +37,7 @@ pub fn load_tokenizer(path: &Path, ck: &Checkpoint) -> anyhow::Result<Tokenizer>
 pub fn start(
     path: &Path,
     dtype: DType,
+    kernels: KernelMode,
     cfg: EngineConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<(EngineHandle, LoadedModel)> {
@@ -51,17 +52,18 @@ pub fn start(
     fn go<T: Elem>(
         ck: Checkpoint,
         tok: Arc<Tokenizer>,
+        kern: Kernels,
         cfg: EngineConfig,
         progress: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<EngineHandle> {
-        let m =
-            Model::<T>::load_with_progress(ck.config, &*ck.tensors, Kernels::global(), progress)?;
+        let m = Model::<T>::load_with_progress(ck.config, &*ck.tensors, kern, progress)?;
         Ok(start_engine(m, tok, cfg))
     }
+    let kern = Kernels::global().with_mode(kernels);
     let handle = match dtype {
-        DType::Float16 => go::<f16>(ck, tokenizer, cfg, progress)?,
-        DType::Bfloat16 => go::<bf16>(ck, tokenizer, cfg, progress)?,
-        DType::Float32 => go::<f32>(ck, tokenizer, cfg, progress)?,
+        DType::Float16 => go::<f16>(ck, tokenizer, kern, cfg, progress)?,
+        DType::Bfloat16 => go::<bf16>(ck, tokenizer, kern, cfg, progress)?,
+        DType::Float32 => go::<f32>(ck, tokenizer, kern, cfg, progress)?,
     };
     Ok((handle, loaded))
 }

@@ -21,6 +21,9 @@ const MIN_CHUNK_COLS: usize = 24;
 const NR_PACKED: usize = 6;
 /// Below this many multiply-adds a call runs on one thread (waking workers costs more).
 const PARALLEL_MIN_WORK: usize = 1 << 15;
+/// From this many rows on, `--kernels fast` runs products on AMX tiles (16 rows per tile;
+/// fewer rows are bound by reading the weights, which the parity kernels already do at speed).
+const AMX_MIN_ROWS: usize = 16;
 
 /// What to do with each accumulated output element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +132,13 @@ pub fn matmul_many<T: Elem>(
         level == SimdLevel::Avx512 && m >= PACK_MIN_ROWS && T::KIND != crate::dtype::ElemKind::F32;
     #[cfg(not(target_arch = "x86_64"))]
     let packed = false;
+    #[cfg(target_arch = "x86_64")]
+    let amx = kern.fast
+        && m >= AMX_MIN_ROWS
+        && T::KIND != crate::dtype::ElemKind::F32
+        && super::amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let amx = false;
     // Memory-bound calls (few rows): threads take ranges of columns from a shared counter
     // until none are left, each half of an even share of what is left (never under
     // MIN_CHUNK_COLS), so a thread slowed by its neighbour or by memory does not keep the other
@@ -136,6 +146,13 @@ pub fn matmul_many<T: Elem>(
     // contiguous range of weights (measured: chunking cost them 3–5%).
     let even = if threads == 1 {
         Some(total)
+    } else if amx {
+        // Measured: even shares beat guided chunks (each chunk restarts the split pipeline).
+        Some(
+            total
+                .div_ceil(threads)
+                .next_multiple_of(super::amx::PANEL_COLS),
+        )
     } else if packed {
         Some(total.div_ceil(threads).div_ceil(NR_PACKED) * NR_PACKED)
     } else {
@@ -171,6 +188,47 @@ pub fn matmul_many<T: Elem>(
             }
         }
     };
+    #[cfg(target_arch = "x86_64")]
+    if amx {
+        super::amx::XTILES.with(|cell| {
+            let mut xt = cell.borrow_mut();
+            let len = super::amx::packed_len(m, k);
+            // Grows only: packing writes every tile.
+            if xt.len() < len {
+                xt.resize(len, Default::default());
+            }
+            // Both threads pack a share of the row blocks, then both compute.
+            let dst = super::amx::SharedTiles::new(&mut xt[..len]);
+            let blocks = m.div_ceil(16);
+            let per = blocks.div_ceil(threads);
+            let pack = |t: usize| {
+                let mine = (t * per).min(blocks)..((t + 1) * per).min(blocks);
+                // SAFETY: `amx` implies the AMX path's features; threads write disjoint blocks.
+                unsafe { super::amx::pack_x(x, m, k, mine, dst.get()) };
+            };
+            if threads == 1 {
+                pack(0);
+            } else {
+                kern.pool.run(&pack);
+            }
+            let xt = &xt[..len];
+            let job = |_: usize| {
+                pieces(&mut |p, cols| {
+                    // SAFETY: each thread writes only its columns of every row.
+                    unsafe {
+                        super::amx::matmul_cols(xt, m, k, p.w, p.n, p.bias, p.out, cols.clone());
+                        round_cols::<T>(level, mode, p.out.get(), m, p.n, cols);
+                    }
+                });
+            };
+            if threads == 1 {
+                job(0);
+            } else {
+                kern.pool.run(&job);
+            }
+        });
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if packed {
         XPACK.with(|cell| {

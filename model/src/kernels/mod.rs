@@ -4,6 +4,8 @@
 //! numerics.md): results never depend on batch size, thread count, K/V layout or SIMD level.
 
 pub mod act;
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod bandwidth;
 pub mod dot;
@@ -99,6 +101,52 @@ pub struct Kernels {
     pub level: SimdLevel,
     /// Workers that split output columns/rows.
     pub pool: Arc<ThreadPool>,
+    /// Matrix products may take the faster path that is not bitwise equal to the parity
+    /// kernels (`--kernels fast`, see [`KernelMode`]).
+    pub fast: bool,
+}
+
+/// Which matrix-product kernels a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelMode {
+    /// The striped-order kernels of numerics.md: bitwise equal on every CPU and dispatch level.
+    #[default]
+    Parity,
+    /// Products of 16 or more rows on AMX tiles where the CPU has them (Intel Sapphire Rapids
+    /// and later), within an ulp of parity after rounding; elsewhere the parity kernels.
+    Fast,
+}
+
+impl KernelMode {
+    /// Parses `parity` or `fast`.
+    pub fn parse(s: &str) -> Option<KernelMode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "parity" => Some(KernelMode::Parity),
+            "fast" => Some(KernelMode::Fast),
+            _ => None,
+        }
+    }
+
+    /// `HALFSTEP_KERNELS` if set to a known mode, else parity.
+    pub fn from_env() -> KernelMode {
+        std::env::var("HALFSTEP_KERNELS")
+            .ok()
+            .as_deref()
+            .and_then(Self::parse)
+            .unwrap_or_default()
+    }
+
+    /// Whether this mode changes any result on this CPU (fast, and AMX present).
+    pub fn is_active(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self == KernelMode::Fast && amx::available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
 }
 
 impl std::fmt::Debug for Kernels {
@@ -106,6 +154,7 @@ impl std::fmt::Debug for Kernels {
         f.debug_struct("Kernels")
             .field("level", &self.level)
             .field("threads", &self.pool.threads())
+            .field("fast", &self.fast)
             .finish()
     }
 }
@@ -113,7 +162,17 @@ impl std::fmt::Debug for Kernels {
 impl Kernels {
     /// A context with an explicit level and pool.
     pub fn new(level: SimdLevel, pool: Arc<ThreadPool>) -> Kernels {
-        Kernels { level, pool }
+        Kernels {
+            level,
+            pool,
+            fast: false,
+        }
+    }
+
+    /// The same context with the fast (non-parity) matrix products on or off.
+    pub fn with_mode(mut self, mode: KernelMode) -> Kernels {
+        self.fast = mode == KernelMode::Fast;
+        self
     }
 
     /// A context with a new pool of `threads` workers (including the caller).
@@ -121,12 +180,12 @@ impl Kernels {
         Kernels::new(level, Arc::new(ThreadPool::new(threads)))
     }
 
-    /// The process-wide default: level from `HALFSTEP_SIMD`, threads from
-    /// `HALFSTEP_NUM_THREADS` or the number of cores.
+    /// The process-wide default: level from `HALFSTEP_SIMD`, kernel mode from
+    /// `HALFSTEP_KERNELS`, threads from `HALFSTEP_NUM_THREADS` or the number of cores.
     pub fn global() -> Kernels {
         static POOL: OnceLock<Arc<ThreadPool>> = OnceLock::new();
         let pool = POOL.get_or_init(|| Arc::new(ThreadPool::new(default_threads())));
-        Kernels::new(SimdLevel::from_env(), pool.clone())
+        Kernels::new(SimdLevel::from_env(), pool.clone()).with_mode(KernelMode::from_env())
     }
 }
 

@@ -1,0 +1,687 @@
+//! The `--kernels fast` matrix product on Intel AMX tiles (Sapphire Rapids and later).
+//!
+//! AMX multiplies pairs of BF16 values into f32 accumulators. An f16 value (11 significant
+//! bits) is exactly the sum of two BF16 values: `hi`, the nearest BF16, and `lo = x − hi`
+//! (at most 3 significant bits). With weights and activations both split,
+//! `x·w = xh·wh + xh·wl + xl·wh + xl·wl`, every product exact in f32. This path keeps the first
+//! three (the fourth is below 2⁻¹⁸ of the product) and sums them in the tile unit's order, not
+//! the striped order of numerics.md: results come within an ulp of the parity kernels' after
+//! rounding to the run dtype, not bit for bit. BF16 runs need one product (their `lo` is zero).
+//!
+//! Each output element still depends only on its own activation row and weight row, so results
+//! do not change with the batch size or the number of threads.
+//!
+//! Activations must hold values of the run dtype (every kernel rounds its output to it); an f32
+//! value with more bits keeps only the 16 that `hi + lo` carry.
+
+use super::SharedOut;
+use crate::dtype::{Elem, ElemKind};
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Rows (and BF16 pairs) of a tile: 16 rows of 64 bytes.
+const TR: usize = 16;
+/// Reduction length of one tile product: 16 rows of 32 BF16 values.
+const TK: usize = 32;
+/// Weight rows (output columns) converted at a time: two tiles' worth.
+pub(crate) const PANEL_COLS: usize = 2 * TR;
+
+/// Whether this CPU and kernel can run the AMX path (checked once per process).
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let simd = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("f16c");
+        // CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+        let edx = if simd { __cpuid_count(7, 0).edx } else { 0 };
+        let amx = edx & (1 << 22) != 0 && edx & (1 << 24) != 0;
+        amx && request_tile_state()
+    })
+}
+
+/// Asks Linux for the 8 KiB tile register state, which it grants only on request.
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// The operand of `ldtilecfg`: every tile 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+    reserved2: [u8; 16],
+}
+
+/// One tile's bytes (256 f32 or 256 BF16 pairs) on cache lines of their own.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Tile([u32; TR * TR]);
+
+impl Default for Tile {
+    fn default() -> Tile {
+        Tile([0; TR * TR])
+    }
+}
+
+/// Packed activation tiles shared with the pool's threads, each of which writes disjoint tiles.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedTiles(*mut Tile);
+// SAFETY: callers hand each thread disjoint tiles (see the use in gemm).
+unsafe impl Send for SharedTiles {}
+unsafe impl Sync for SharedTiles {}
+
+impl SharedTiles {
+    /// Wraps `tiles`, which must outlive every use of the copies.
+    pub(crate) fn new(tiles: &mut [Tile]) -> SharedTiles {
+        SharedTiles(tiles.as_mut_ptr())
+    }
+
+    // A method call makes closures capture the whole wrapper (Sync), not its raw field.
+    pub(crate) fn get(self) -> *mut Tile {
+        self.0
+    }
+}
+
+/// 32 BF16 values (one tile row of a weight panel) on a cache line of their own.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([u16; TK]);
+
+thread_local! {
+    /// The calling thread's packed activations, reused across calls (grown only).
+    pub(crate) static XTILES: RefCell<Vec<Tile>> = const { RefCell::new(Vec::new()) };
+    /// A worker's split weight panel (grown only).
+    static PANEL: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Splits a block of 32 values (`a` = values 0..16, `b` = 16..32) into BF16 `hi` and `lo`
+/// vectors whose 32-bit lane `i` holds values `i` (low half) and `16 + i` (high half): the pair
+/// a tile product multiplies together. Weights and activations use the same pairing, so each
+/// input still meets its own weight. `hi` is the upper half of the f32 (8 significant bits,
+/// truncated), `lo = x − hi` exactly, which for an f16 value has at most 3 significant bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn split32(a: __m512, b: __m512) -> (__m512i, __m512i) {
+    // (x & C) | y: the upper half of each lane of x over a lane whose upper half is zero.
+    const UPPER_OR: i32 = 0xEC;
+    let mask = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let (ai, bi) = (_mm512_castps_si512(a), _mm512_castps_si512(b));
+    let hi = _mm512_ternarylogic_epi32::<UPPER_OR>(bi, _mm512_srli_epi32::<16>(ai), mask);
+    let la = _mm512_sub_ps(a, _mm512_castsi512_ps(_mm512_and_si512(ai, mask)));
+    let lb = _mm512_sub_ps(b, _mm512_castsi512_ps(_mm512_and_si512(bi, mask)));
+    let lo = _mm512_ternarylogic_epi32::<UPPER_OR>(
+        _mm512_castps_si512(lb),
+        _mm512_srli_epi32::<16>(_mm512_castps_si512(la)),
+        mask,
+    );
+    (hi, lo)
+}
+
+/// Transposes a 16 × 16 matrix of 32-bit values held one row per register.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    // Swapping bit s of the row index with bit s of the column index, for s = 8, 4, 2, 1,
+    // transposes; each swap is one two-source permute per row.
+    macro_rules! stage {
+        ($s:expr) => {{
+            const S: usize = $s;
+            const IA: [i32; 16] = {
+                let mut a = [0i32; 16];
+                let mut c = 0;
+                while c < 16 {
+                    a[c] = if c & S == 0 {
+                        c as i32
+                    } else {
+                        (16 + c - S) as i32
+                    };
+                    c += 1;
+                }
+                a
+            };
+            const IB: [i32; 16] = {
+                let mut a = [0i32; 16];
+                let mut c = 0;
+                while c < 16 {
+                    a[c] = if c & S == 0 {
+                        (c + S) as i32
+                    } else {
+                        (16 + c) as i32
+                    };
+                    c += 1;
+                }
+                a
+            };
+            let ia = _mm512_loadu_si512(IA.as_ptr() as *const _);
+            let ib = _mm512_loadu_si512(IB.as_ptr() as *const _);
+            for i in 0..16 {
+                if i & S == 0 {
+                    let (a, b) = (r[i], r[i + S]);
+                    r[i] = _mm512_permutex2var_epi32(a, ia, b);
+                    r[i + S] = _mm512_permutex2var_epi32(a, ib, b);
+                }
+            }
+        }};
+    }
+    stage!(8);
+    stage!(4);
+    stage!(2);
+    stage!(1);
+}
+
+/// Tiles [`pack_x`] writes for `m` rows of `k` inputs.
+pub(crate) fn packed_len(m: usize, k: usize) -> usize {
+    m.div_ceil(TR) * k.div_ceil(TK) * 2
+}
+
+/// Packs row blocks `blocks` (16 rows each) of `x` (m × k f32) as tiles of the second product
+/// operand: for each block and 32 inputs, a `hi` tile then a `lo` tile whose row `p` holds the
+/// pairs (inputs `p` and `16 + p`, see [`split32`]) of the block's rows side by side,
+/// zero-padded in rows and k.
+///
+/// # Safety
+/// [`available`] returned true; `dst` holds [`packed_len`] tiles, of which this call writes
+/// only those of `blocks`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn pack_x(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    blocks: std::ops::Range<usize>,
+    dst: *mut Tile,
+) {
+    let kbs = k.div_ceil(TK);
+    for mb in blocks {
+        for kb in 0..kbs {
+            let mut hi = [_mm512_setzero_si512(); TR];
+            let mut lo = [_mm512_setzero_si512(); TR];
+            let n = (k - kb * TK).min(TK);
+            let (ma, mb_) = if n == TK {
+                (!0u16, !0u16)
+            } else {
+                let all = (1u32 << n) - 1;
+                (all as u16, (all >> 16) as u16)
+            };
+            for r in 0..TR.min(m - mb * TR) {
+                let p = x.as_ptr().add((mb * TR + r) * k + kb * TK);
+                let a = _mm512_maskz_loadu_ps(ma, p);
+                let b = _mm512_maskz_loadu_ps(mb_, p.add(16));
+                (hi[r], lo[r]) = split32(a, b);
+            }
+            transpose16(&mut hi);
+            transpose16(&mut lo);
+            let t = dst.add((mb * kbs + kb) * 2) as *mut __m512i;
+            for r in 0..TR {
+                _mm512_store_si512(t.add(r), hi[r]);
+                _mm512_store_si512(t.add(TR + r), lo[r]);
+            }
+        }
+    }
+}
+
+/// Tile products (of 32 inputs each) per weight chunk: a chunk (16 KiB split), its successor
+/// being split, and the activation tiles in use stay in L1.
+const CHUNK_KB: usize = 4;
+/// Lines of one chunk buffer: `hi` rows 0..32 then `lo` rows 32..64, `CHUNK_KB` lines each.
+const CHUNK_LINES: usize = 2 * PANEL_COLS * CHUNK_KB;
+
+/// One weight chunk of a thread's columns: weight rows `j..j + nr`, inputs
+/// `32·kb0..32·(kb0 + len)`, for row tiles `tiles`.
+#[derive(Clone)]
+struct Item {
+    j: usize,
+    nr: usize,
+    kb0: usize,
+    len: usize,
+    tiles: std::ops::Range<usize>,
+    /// Bytes of the weights to prefetch meanwhile: a share of the next panel's.
+    ahead: std::ops::Range<usize>,
+}
+
+/// Splits units `units` of a chunk (unit `u` = 32 inputs, block `u % len`, of row `u / len`)
+/// into its buffer, zero-padded in k. Rows a chunk does not fill keep stale values: they only
+/// reach outputs that are never stored.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn split_units<T: Elem>(
+    w: &[T],
+    k: usize,
+    it: &Item,
+    units: std::ops::Range<usize>,
+    buf: &mut [Line],
+) {
+    if units.is_empty() {
+        return;
+    }
+    debug_assert!(units.end <= it.nr * it.len && buf.len() >= CHUNK_LINES);
+    // Masks of the two halves of a block; only the k tail's block is partial.
+    let full = (!0u16, !0u16);
+    let tail = match k % TK {
+        0 => full,
+        r if r <= 16 => (((1u32 << r) - 1) as u16, 0),
+        r => (!0, ((1u32 << (r - 16)) - 1) as u16),
+    };
+    let last = it.kb0 + it.len == k.div_ceil(TK);
+    let hi = buf.as_mut_ptr() as *mut __m512i;
+    let lo = hi.add(PANEL_COLS * CHUNK_KB);
+    let (mut dj, mut b) = (units.start / it.len, units.start % it.len);
+    let mut left = units.len();
+    while left > 0 {
+        let row = (w.as_ptr() as *const i16).add((it.j + dj) * k + it.kb0 * TK);
+        let end = (b + left).min(it.len);
+        for b in b..end {
+            let (ma, mb) = if last && b + 1 == it.len { tail } else { full };
+            let src = row.add(b * TK);
+            let at = dj * CHUNK_KB + b;
+            if T::KIND == ElemKind::F16 {
+                let xa = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(ma, src));
+                let xb = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mb, src.add(16)));
+                let (h, l) = split32(xa, xb);
+                _mm512_store_si512(hi.add(at), h);
+                _mm512_store_si512(lo.add(at), l);
+            } else {
+                // BF16 weights are their own `hi` (their `lo` pass is skipped), same pairing.
+                let xa = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(ma, src));
+                let xb = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mb, src.add(16)));
+                _mm512_store_si512(hi.add(at), _mm512_or_si512(xa, _mm512_slli_epi32::<16>(xb)));
+            }
+        }
+        left -= end - b;
+        (dj, b) = (dj + 1, 0);
+    }
+}
+
+/// Row tiles swept past one weight panel before the next panel: their packed activations
+/// (4 KiB per tile and 32 inputs) stay in L2.
+const GROUP_TILES: usize = 8;
+
+/// Columns `cols` of all `m` rows: `out[r, j] = Σ x[r, k]·w[j, k] (+ bias[j])`, from `xt`
+/// (packed by [`pack_x`]). Rounding is left to the caller.
+///
+/// # Safety
+/// [`available`] returned true, the caller owns columns `cols` of the m × n output, and `xt`
+/// holds `x` packed for these `m` and `k`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(crate) unsafe fn matmul_cols<T: Elem>(
+    xt: &[Tile],
+    m: usize,
+    k: usize,
+    w: &[T],
+    n: usize,
+    bias: Option<&[T]>,
+    out: SharedOut,
+    cols: std::ops::Range<usize>,
+) {
+    if cols.is_empty() {
+        return;
+    }
+    let kbs = k.div_ceil(TK);
+    let mbs = m.div_ceil(TR);
+    let two_pass = T::KIND == ElemKind::F16;
+    let mut bufs = PANEL.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    // Two chunk buffers, then accumulators waiting between chunks (4 tiles per pair of rows).
+    let saved_at = 2 * CHUNK_LINES;
+    let saved_lines = GROUP_TILES.div_ceil(2) * 4 * std::mem::size_of::<Tile>() / 64;
+    if bufs.len() < saved_at + saved_lines {
+        bufs.resize(saved_at + saved_lines, Line::default());
+    }
+    let cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+        reserved2: [0; 16],
+    };
+    asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+    // Weight tiles are rows of a chunk: CHUNK_KB lines apart.
+    let ws = CHUNK_KB * 64;
+    let xs = 64usize;
+    // Finished accumulators go out one row pair late: reading a tile back right after the tile
+    // unit stored it stalls until the store lands, so the vector work waits for the next pair.
+    let mut c = [[Tile::default(); 4]; 2];
+    let mut pending: Option<(usize, usize, bool, usize, usize)> = None;
+    let mut slot = 0;
+    // Work items: (group of row tiles, panel of 32 columns, chunk of inputs), chunks innermost.
+    // While one item's tile products run, the next item's chunk is split a slice at a time
+    // between them, so the tile unit and the vector units work at once.
+    let npanels = cols.len().div_ceil(PANEL_COLS);
+    let nchunks = kbs.div_ceil(CHUNK_KB);
+    let items = mbs.div_ceil(GROUP_TILES) * npanels * nchunks;
+    let item = |i: usize| {
+        let (g, p, q) = (i / (npanels * nchunks), i / nchunks % npanels, i % nchunks);
+        let j = cols.start + p * PANEL_COLS;
+        // The next panel's rows are one contiguous run of memory; each chunk of this panel
+        // asks for its share, so the split finds them in cache (decode reads every weight from
+        // memory once a step).
+        let next = (j + PANEL_COLS).min(cols.end)..(j + 2 * PANEL_COLS).min(cols.end);
+        let bytes = next.len() * k * std::mem::size_of::<T>();
+        let share = bytes.div_ceil(nchunks).next_multiple_of(64);
+        let base = next.start * k * std::mem::size_of::<T>();
+        Item {
+            j,
+            nr: (cols.end - j).min(PANEL_COLS),
+            kb0: q * CHUNK_KB,
+            len: (kbs - q * CHUNK_KB).min(CHUNK_KB),
+            tiles: g * GROUP_TILES..((g + 1) * GROUP_TILES).min(mbs),
+            ahead: base + (q * share).min(bytes)..base + ((q + 1) * share).min(bytes),
+        }
+    };
+    let mut cur = item(0);
+    split_units(w, k, &cur, 0..cur.nr * cur.len, &mut bufs[..CHUNK_LINES]);
+    for i in 0..items {
+        let next = (i + 1 < items).then(|| item(i + 1));
+        let next_units = next.as_ref().map_or(0, |it| it.nr * it.len);
+        let (a, rest) = bufs.split_at_mut(CHUNK_LINES);
+        let (b, saved) = rest.split_at_mut(CHUNK_LINES);
+        let (now, then) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        let saved = saved.as_mut_ptr() as *mut Tile;
+        let steps = cur.tiles.len().div_ceil(2) * cur.len;
+        let per_step = next_units.div_ceil(steps);
+        let mut unit = 0;
+        let lines_per_step = cur.ahead.len().div_ceil(64 * steps);
+        let mut ahead = cur.ahead.start;
+        let wh = now.as_ptr() as *const u8;
+        let wl = now.as_ptr().add(PANEL_COLS * CHUNK_KB) as *const u8;
+        let (first, last) = (cur.kb0 == 0, cur.kb0 + cur.len == kbs);
+        let mut mb = cur.tiles.start;
+        while mb < cur.tiles.end {
+            let pair = mb + 1 < cur.tiles.end;
+            let s = saved.add((mb - cur.tiles.start) / 2 * 4) as *const u8;
+            if first {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm0, [{c} + {xs}*1]",
+                    "tileloadd tmm1, [{c} + {xs}*1 + 1024]",
+                    "tileloadd tmm2, [{c} + {xs}*1 + 2048]",
+                    "tileloadd tmm3, [{c} + {xs}*1 + 3072]",
+                    c = in(reg) s, xs = in(reg) xs,
+                    options(nostack, readonly)
+                );
+            }
+            for b in 0..cur.len {
+                let kb = cur.kb0 + b;
+                let w0h = wh.add(b * 64);
+                let w1h = w0h.add(TR * ws);
+                let w0l = wl.add(b * 64);
+                let w1l = w0l.add(TR * ws);
+                let x0 = xt.as_ptr().add((mb * kbs + kb) * 2) as *const u8;
+                let x0l = x0.add(std::mem::size_of::<Tile>());
+                // tmm0..3 = (weight tile 0/1) × (row tile 0/1); tmm4/5 weights, tmm6/7 rows.
+                if pair {
+                    let x1 = xt.as_ptr().add(((mb + 1) * kbs + kb) * 2) as *const u8;
+                    let x1l = x1.add(std::mem::size_of::<Tile>());
+                    if two_pass {
+                        // Wh·Xl, then Wh·Xh, then Wl·Xh: each operand tile loads once.
+                        asm!(
+                            "tileloadd tmm4, [{w0} + {ws}*1]",
+                            "tileloadd tmm5, [{w1} + {ws}*1]",
+                            "tileloadd tmm6, [{x0l} + {xs}*1]",
+                            "tileloadd tmm7, [{x1l} + {xs}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            "tileloadd tmm6, [{x0} + {xs}*1]",
+                            "tileloadd tmm7, [{x1} + {xs}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            "tileloadd tmm4, [{w0l} + {ws}*1]",
+                            "tileloadd tmm5, [{w1l} + {ws}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            w0 = in(reg) w0h, w1 = in(reg) w1h, w0l = in(reg) w0l,
+                            w1l = in(reg) w1l, x0 = in(reg) x0, x1 = in(reg) x1,
+                            x0l = in(reg) x0l, x1l = in(reg) x1l,
+                            ws = in(reg) ws, xs = in(reg) xs,
+                            options(nostack, readonly)
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm4, [{w0} + {ws}*1]",
+                            "tileloadd tmm5, [{w1} + {ws}*1]",
+                            "tileloadd tmm6, [{x0} + {xs}*1]",
+                            "tileloadd tmm7, [{x1} + {xs}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            w0 = in(reg) w0h, w1 = in(reg) w1h, x0 = in(reg) x0, x1 = in(reg) x1,
+                            ws = in(reg) ws, xs = in(reg) xs,
+                            options(nostack, readonly)
+                        );
+                    }
+                } else if two_pass {
+                    asm!(
+                        "tileloadd tmm4, [{w0} + {ws}*1]",
+                        "tileloadd tmm5, [{w1} + {ws}*1]",
+                        "tileloadd tmm6, [{x0l} + {xs}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tileloadd tmm6, [{x0} + {xs}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tileloadd tmm4, [{w0l} + {ws}*1]",
+                        "tileloadd tmm5, [{w1l} + {ws}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        w0 = in(reg) w0h, w1 = in(reg) w1h, w0l = in(reg) w0l, w1l = in(reg) w1l,
+                        x0 = in(reg) x0, x0l = in(reg) x0l,
+                        ws = in(reg) ws, xs = in(reg) xs,
+                        options(nostack, readonly)
+                    );
+                } else {
+                    asm!(
+                        "tileloadd tmm4, [{w0} + {ws}*1]",
+                        "tileloadd tmm5, [{w1} + {ws}*1]",
+                        "tileloadd tmm6, [{x0} + {xs}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        w0 = in(reg) w0h, w1 = in(reg) w1h, x0 = in(reg) x0,
+                        ws = in(reg) ws, xs = in(reg) xs,
+                        options(nostack, readonly)
+                    );
+                }
+                for _ in 0..lines_per_step {
+                    if ahead < cur.ahead.end {
+                        let p = (w.as_ptr() as *const i8).add(ahead);
+                        _mm_prefetch::<_MM_HINT_T1>(p);
+                        ahead += 64;
+                    }
+                }
+                if let Some(nx) = &next {
+                    let u1 = (unit + per_step).min(next_units);
+                    split_units(w, k, nx, unit..u1, then);
+                    unit = u1;
+                }
+            }
+            if last {
+                asm!(
+                    "tilestored [{c} + {xs}*1], tmm0",
+                    "tilestored [{c} + {xs}*1 + 1024], tmm1",
+                    "tilestored [{c} + {xs}*1 + 2048], tmm2",
+                    "tilestored [{c} + {xs}*1 + 3072], tmm3",
+                    c = in(reg) c[slot].as_mut_ptr(), xs = in(reg) xs,
+                    options(nostack)
+                );
+                if let Some((s, mb, pair, j, nr)) = pending {
+                    store_tiles(&c[s], m, n, mb, pair, j, nr, bias, out);
+                }
+                pending = Some((slot, mb, pair, cur.j, cur.nr));
+                slot ^= 1;
+            } else {
+                // Accumulators wait in memory for the next chunk (exact: f32 in, f32 out).
+                asm!(
+                    "tilestored [{c} + {xs}*1], tmm0",
+                    "tilestored [{c} + {xs}*1 + 1024], tmm1",
+                    "tilestored [{c} + {xs}*1 + 2048], tmm2",
+                    "tilestored [{c} + {xs}*1 + 3072], tmm3",
+                    c = in(reg) s, xs = in(reg) xs,
+                    options(nostack)
+                );
+            }
+            mb += 1 + pair as usize;
+        }
+        if let Some(nx) = next {
+            split_units(w, k, &nx, unit..next_units, then);
+            cur = nx;
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+    if let Some((s, mb, pair, j, nr)) = pending {
+        store_tiles(&c[s], m, n, mb, pair, j, nr, bias, out);
+    }
+    PANEL.with(|p| *p.borrow_mut() = bufs);
+}
+
+/// Writes the accumulator tiles of row tiles `mb` (and `mb + 1` when `pair`) and columns
+/// `j..j + nr` to the output, adding the bias. Tile (weight tile a, row tile b) is `c[2a + b]`,
+/// laid out [column][row].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tiles<T: Elem>(
+    c: &[Tile; 4],
+    m: usize,
+    n: usize,
+    mb: usize,
+    pair: bool,
+    j: usize,
+    nr: usize,
+    bias: Option<&[T]>,
+    out: SharedOut,
+) {
+    for a in 0..2 {
+        let j0 = j + a * TR;
+        if j0 >= j + nr {
+            continue;
+        }
+        let ncols = (j + nr - j0).min(TR);
+        let cmask: u16 = if ncols == TR {
+            !0
+        } else {
+            ((1u32 << ncols) - 1) as u16
+        };
+        let bv = match bias {
+            Some(b) => {
+                let mut v = [0f32; TR];
+                for (d, x) in v.iter_mut().enumerate().take(ncols) {
+                    *x = b[j0 + d].to_f32();
+                }
+                _mm512_loadu_ps(v.as_ptr())
+            }
+            None => _mm512_setzero_ps(),
+        };
+        for b in 0..(1 + pair as usize) {
+            let tile = &c[2 * a + b];
+            let mut rows = [_mm512_setzero_si512(); TR];
+            for (i, r) in rows.iter_mut().enumerate() {
+                *r = _mm512_load_si512(tile.0.as_ptr().add(i * TR) as *const _);
+            }
+            transpose16(&mut rows);
+            let r0 = (mb + b) * TR;
+            for (i, r) in rows.iter().enumerate().take(m.saturating_sub(r0).min(TR)) {
+                let v = _mm512_add_ps(_mm512_castsi512_ps(*r), bv);
+                _mm512_mask_storeu_ps(out.get().add((r0 + i) * n + j0), cmask, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let src: Vec<u32> = (0..256).collect();
+        // SAFETY: AVX-512F checked above.
+        unsafe {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(src.as_ptr().add(16 * i) as *const _);
+            }
+            transpose16(&mut r);
+            let mut got = [0u32; 256];
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_si512(got.as_mut_ptr().add(16 * i) as *mut _, *v);
+            }
+            for i in 0..16 {
+                for j in 0..16 {
+                    assert_eq!(got[i * 16 + j], src[j * 16 + i], "({i}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_is_exact_for_f16_values() {
+        if !(is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")) {
+            return;
+        }
+        let xs: Vec<f32> = (0..32)
+            .map(|i| half::f16::from_f32(0.37 * (i as f32 - 13.5).powi(3) + 1e-3).to_f32())
+            .collect();
+        // SAFETY: AVX-512 F/BW/VL checked above.
+        let (hi, lo) = unsafe {
+            split32(
+                _mm512_loadu_ps(xs.as_ptr()),
+                _mm512_loadu_ps(xs.as_ptr().add(16)),
+            )
+        };
+        // SAFETY: a vector is 32 u16 values.
+        let (hi, lo) = unsafe {
+            (
+                std::mem::transmute::<__m512i, [u16; 32]>(hi),
+                std::mem::transmute::<__m512i, [u16; 32]>(lo),
+            )
+        };
+        // Word 2i holds value i, word 2i + 1 value 16 + i.
+        for (word, want) in (0..16).flat_map(|i| [(2 * i, xs[i]), (2 * i + 1, xs[16 + i])]) {
+            let h = half::bf16::from_bits(hi[word]).to_f32();
+            let l = half::bf16::from_bits(lo[word]).to_f32();
+            assert_eq!(h + l, want, "word {word}");
+            assert!(
+                l.abs() <= h.abs() * 2f32.powi(-7),
+                "word {word}: lo {l} hi {h}"
+            );
+        }
+    }
+}

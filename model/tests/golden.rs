@@ -170,7 +170,10 @@ fn f16_fast_kernels_are_as_close_to_transformers_as_parity() {
         }
     }
     eprintln!("fast vs parity logits: max |diff| {max_diff}, {differ} values differ");
-    assert!(max_diff <= 0.5, "fast and parity logits differ by {max_diff}");
+    assert!(
+        max_diff <= 0.5,
+        "fast and parity logits differ by {max_diff}"
+    );
     assert_eq!(differ > 0, KernelMode::Fast.is_active());
 }
 

@@ -1,15 +1,15 @@
 //! The `--kernels fast` matrix product on Intel AMX tiles (Sapphire Rapids and later).
 //!
 //! AMX multiplies pairs of BF16 values into f32 accumulators. An f16 value (11 significant
-//! bits) is exactly the sum of two BF16 values: `hi`, the nearest BF16, and `lo = x − hi`
+//! bits) is exactly the sum of two BF16 values: `hi`, its upper 8 bits, and `lo = x − hi`
 //! (at most 3 significant bits). With weights and activations both split,
 //! `x·w = xh·wh + xh·wl + xl·wh + xl·wl`, every product exact in f32. This path keeps the first
-//! three (the fourth is below 2⁻¹⁸ of the product) and sums them in the tile unit's order, not
-//! the striped order of numerics.md: results come within an ulp of the parity kernels' after
-//! rounding to the run dtype, not bit for bit. BF16 runs need one product (their `lo` is zero).
+//! three (the fourth is below 2⁻¹⁴ of the product) and sums them in the tile unit's order, not
+//! the striped order of numerics.md: results are within f32 summation error of the parity
+//! kernels', not bit for bit. BF16 runs need one product (their `lo` is zero).
 //!
 //! Each output element still depends only on its own activation row and weight row, so results
-//! do not change with the batch size or the number of threads.
+//! do not change with the number of rows (from 16 on) or of threads.
 //!
 //! Activations must hold values of the run dtype (every kernel rounds its output to it); an f32
 //! value with more bits keeps only the 16 that `hi + lo` carry.

@@ -60,7 +60,8 @@ pub struct EngineArgs {
     pub dtype: String,
     /// Matrix-product kernels: `parity` (default; bitwise equal to the trainer's) or `fast`
     /// (AMX tiles where the CPU has them; not bitwise equal, see README "Fast kernels").
-    #[arg(long, default_value = "parity", env = "HALFSTEP_KERNELS")]
+    #[arg(long, default_value = "parity", env = "HALFSTEP_KERNELS",
+          value_parser = ["parity", "fast"])]
     pub kernels: String,
     /// Longest prompt + output (default: the model's context).
     #[arg(long)]
@@ -230,20 +231,21 @@ impl EngineArgs {
         let dtype = self.dtype()?;
         let kernels = KernelMode::parse(&self.kernels)
             .with_context(|| format!("--kernels {:?}: expected parity or fast", self.kernels))?;
-        if kernels == KernelMode::Fast && !kernels.is_active() {
+        let fast = kernels.is_active() && dtype != DType::Float32;
+        if kernels == KernelMode::Fast && !fast {
             tracing::warn!(
-                "--kernels fast: this CPU has no AMX (or the kernel refused its tile state); \
-                 running the parity kernels"
+                "--kernels fast: {}; running the parity kernels",
+                if dtype == DType::Float32 {
+                    "the fast kernels are for float16 and bfloat16"
+                } else {
+                    "this CPU has no AMX (or the OS refused its tile state)"
+                }
             );
         }
         tracing::info!(
             "loading {} in {dtype}, {} kernels",
             path.display(),
-            if kernels.is_active() {
-                "fast (AMX)"
-            } else {
-                "parity"
-            }
+            if fast { "fast (AMX)" } else { "parity" }
         );
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(

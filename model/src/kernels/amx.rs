@@ -85,25 +85,6 @@ impl Default for Tile {
     }
 }
 
-/// Packed activation tiles shared with the pool's threads, each of which writes disjoint tiles.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedTiles(*mut Tile);
-// SAFETY: callers hand each thread disjoint tiles (see the use in gemm).
-unsafe impl Send for SharedTiles {}
-unsafe impl Sync for SharedTiles {}
-
-impl SharedTiles {
-    /// Wraps `tiles`, which must outlive every use of the copies.
-    pub(crate) fn new(tiles: &mut [Tile]) -> SharedTiles {
-        SharedTiles(tiles.as_mut_ptr())
-    }
-
-    // A method call makes closures capture the whole wrapper (Sync), not its raw field.
-    pub(crate) fn get(self) -> *mut Tile {
-        self.0
-    }
-}
-
 /// 32 BF16 values (one tile row of a weight panel) on a cache line of their own.
 #[derive(Clone, Copy, Default)]
 #[repr(C, align(64))]
@@ -112,7 +93,8 @@ struct Line([u16; TK]);
 thread_local! {
     /// The calling thread's packed activations, reused across calls (grown only).
     pub(crate) static XTILES: RefCell<Vec<Tile>> = const { RefCell::new(Vec::new()) };
-    /// A worker's split weight panel (grown only).
+    /// A worker's two weight-chunk buffers and the accumulators that wait between chunks
+    /// (grown only).
     static PANEL: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -360,14 +342,15 @@ pub(crate) unsafe fn matmul_cols<T: Elem>(
     // Weight tiles are rows of a chunk: CHUNK_KB lines apart.
     let ws = CHUNK_KB * 64;
     let xs = 64usize;
-    // Finished accumulators go out one row pair late: reading a tile back right after the tile
-    // unit stored it stalls until the store lands, so the vector work waits for the next pair.
+    // Finished accumulators go out one row pair late, so reading them back does not wait on the
+    // tile store just issued.
     let mut c = [[Tile::default(); 4]; 2];
     let mut pending: Option<(usize, usize, bool, usize, usize)> = None;
     let mut slot = 0;
     // Work items: (group of row tiles, panel of 32 columns, chunk of inputs), chunks innermost.
     // While one item's tile products run, the next item's chunk is split a slice at a time
-    // between them, so the tile unit and the vector units work at once.
+    // between them, so the tile unit and the vector units can work at once (measured: they
+    // overlap only in part; splitting costs about as much as the products at 64 rows).
     let npanels = cols.len().div_ceil(PANEL_COLS);
     let nchunks = kbs.div_ceil(CHUNK_KB);
     let items = mbs.div_ceil(GROUP_TILES) * npanels * nchunks;

@@ -198,7 +198,7 @@ pub fn matmul_many<T: Elem>(
                 xt.resize(len, Default::default());
             }
             // Both threads pack a share of the row blocks, then both compute.
-            let dst = super::amx::SharedTiles::new(&mut xt[..len]);
+            let dst = SharedOut::new(&mut xt[..len]);
             let blocks = m.div_ceil(16);
             let per = blocks.div_ceil(threads);
             let pack = |t: usize| {

@@ -112,8 +112,9 @@ pub enum KernelMode {
     /// The striped-order kernels of numerics.md: bitwise equal on every CPU and dispatch level.
     #[default]
     Parity,
-    /// Products of 16 or more rows on AMX tiles where the CPU has them (Intel Sapphire Rapids
-    /// and later), within an ulp of parity after rounding; elsewhere the parity kernels.
+    /// Products of 16 or more rows in f16 or bf16 on AMX tiles where the CPU has them (Intel
+    /// Sapphire Rapids and later), within f32 summation error of parity; elsewhere the parity
+    /// kernels.
     Fast,
 }
 
@@ -202,21 +203,28 @@ pub fn default_threads() -> usize {
         })
 }
 
-/// An f32 buffer shared with the pool's threads, each of which writes a disjoint part of it.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut(*mut f32);
+/// A buffer shared with the pool's threads, each of which writes a disjoint part of it.
+pub(crate) struct SharedOut<T = f32>(*mut T);
 // SAFETY: callers hand each thread a disjoint part of the buffer (see every use).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
 
-impl SharedOut {
+// Copy without requiring `T: Copy` (the wrapper is only a pointer).
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
     /// Wraps `buf`, which must outlive every use of the copies.
-    pub(crate) fn new(buf: &mut [f32]) -> SharedOut {
+    pub(crate) fn new(buf: &mut [T]) -> SharedOut<T> {
         SharedOut(buf.as_mut_ptr())
     }
 
     // A method call makes closures capture the whole wrapper (Sync), not its raw field.
-    pub(crate) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

@@ -206,11 +206,7 @@ pub fn matmul_many<T: Elem>(
                 // SAFETY: `amx` implies the AMX path's features; threads write disjoint blocks.
                 unsafe { super::amx::pack_x(x, m, k, mine, dst.get()) };
             };
-            if threads == 1 {
-                pack(0);
-            } else {
-                kern.pool.run(&pack);
-            }
+            run_on(kern, threads, &pack);
             let xt = &xt[..len];
             let job = |_: usize| {
                 pieces(&mut |p, cols| {
@@ -221,11 +217,7 @@ pub fn matmul_many<T: Elem>(
                     }
                 });
             };
-            if threads == 1 {
-                job(0);
-            } else {
-                kern.pool.run(&job);
-            }
+            run_on(kern, threads, &job);
         });
         return;
     }
@@ -246,11 +238,7 @@ pub fn matmul_many<T: Elem>(
                     }
                 });
             };
-            if threads == 1 {
-                job(0);
-            } else {
-                kern.pool.run(&job);
-            }
+            run_on(kern, threads, &job);
         });
         return;
     }
@@ -260,10 +248,15 @@ pub fn matmul_many<T: Elem>(
             unsafe { matmul_cols(level, x, m, k, p.w, p.n, p.bias, mode, p.out.get(), cols) };
         });
     };
+    run_on(kern, threads, &job);
+}
+
+/// Runs `job` on the calling thread alone when `threads` is 1, else on every pool thread.
+fn run_on(kern: &Kernels, threads: usize, job: &(dyn Fn(usize) + Sync)) {
     if threads == 1 {
         job(0);
     } else {
-        kern.pool.run(&job);
+        kern.pool.run(job);
     }
 }
 

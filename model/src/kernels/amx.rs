@@ -173,6 +173,12 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
     stage!(1);
 }
 
+/// Load masks of the two 16-value halves of a block holding `n` (1..=32) values.
+fn block_masks(n: usize) -> (u16, u16) {
+    let all = if n >= TK { !0u32 } else { (1u32 << n) - 1 };
+    (all as u16, (all >> 16) as u16)
+}
+
 /// Tiles [`pack_x`] writes for `m` rows of `k` inputs.
 pub(crate) fn packed_len(m: usize, k: usize) -> usize {
     m.div_ceil(TR) * k.div_ceil(TK) * 2
@@ -199,13 +205,7 @@ pub(crate) unsafe fn pack_x(
         for kb in 0..kbs {
             let mut hi = [_mm512_setzero_si512(); TR];
             let mut lo = [_mm512_setzero_si512(); TR];
-            let n = (k - kb * TK).min(TK);
-            let (ma, mb_) = if n == TK {
-                (!0u16, !0u16)
-            } else {
-                let all = (1u32 << n) - 1;
-                (all as u16, (all >> 16) as u16)
-            };
+            let (ma, mb_) = block_masks((k - kb * TK).min(TK));
             for r in 0..TR.min(m - mb * TR) {
                 let p = x.as_ptr().add((mb * TR + r) * k + kb * TK);
                 let a = _mm512_maskz_loadu_ps(ma, p);
@@ -258,13 +258,9 @@ unsafe fn split_units<T: Elem>(
         return;
     }
     debug_assert!(units.end <= it.nr * it.len && buf.len() >= CHUNK_LINES);
-    // Masks of the two halves of a block; only the k tail's block is partial.
-    let full = (!0u16, !0u16);
-    let tail = match k % TK {
-        0 => full,
-        r if r <= 16 => (((1u32 << r) - 1) as u16, 0),
-        r => (!0, ((1u32 << (r - 16)) - 1) as u16),
-    };
+    // Only the k tail's block is partial.
+    let full = block_masks(TK);
+    let tail = block_masks(k - (k.div_ceil(TK) - 1) * TK);
     let last = it.kb0 + it.len == k.div_ceil(TK);
     let hi = buf.as_mut_ptr() as *mut __m512i;
     let lo = hi.add(PANEL_COLS * CHUNK_KB);

@@ -135,6 +135,7 @@ pub fn matmul_many<T: Elem>(
     #[cfg(target_arch = "x86_64")]
     let amx = kern.fast
         && m >= AMX_MIN_ROWS
+        && k > 0
         && T::KIND != crate::dtype::ElemKind::F32
         && super::amx::available();
     #[cfg(not(target_arch = "x86_64"))]

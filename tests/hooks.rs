@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 const ADMIN: &str = "admin-secret";
 
 fn model_with_seed(seed: u64, tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("halfstep-hooks-{tag}-{}", std::process::id()));
+    let dir = common::scratch(tag);
     let _ = std::fs::remove_dir_all(&dir);
     TinyModelSpec {
         seed,
@@ -26,10 +26,7 @@ fn model_with_seed(seed: u64, tag: &str) -> PathBuf {
 
 /// A safetensors file (bytes) of the given tensors in f32.
 fn safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)], tag: &str) -> Vec<u8> {
-    let p = std::env::temp_dir().join(format!(
-        "halfstep-hooks-{tag}-{}.safetensors",
-        std::process::id()
-    ));
+    let p = common::scratch(&format!("{tag}.safetensors"));
     let enc: Vec<_> = tensors
         .iter()
         .map(|(n, s, v)| (n.clone(), s.clone(), encode(DType::Float32, v)))
@@ -117,8 +114,7 @@ fn full_upload_serves_the_new_checkpoint_and_bumps_the_version() {
 #[test]
 fn update_from_disk_and_multi_part_upload_are_atomic_and_equal() {
     let a = model_with_seed(3, "disk-a");
-    let allowed =
-        std::env::temp_dir().join(format!("halfstep-hooks-allowed-{}", std::process::id()));
+    let allowed = common::scratch("allowed");
     let _ = std::fs::remove_dir_all(&allowed);
     std::fs::create_dir_all(&allowed).unwrap();
     TinyModelSpec {
@@ -208,8 +204,7 @@ fn partial_update_changes_only_the_named_tensor() {
 #[test]
 fn every_kind_of_bad_update_is_refused_and_changes_nothing() {
     let a = model_with_seed(6, "bad");
-    let allowed =
-        std::env::temp_dir().join(format!("halfstep-hooks-allowed-bad-{}", std::process::id()));
+    let allowed = common::scratch("allowed-bad");
     let _ = std::fs::remove_dir_all(&allowed);
     std::fs::create_dir_all(&allowed).unwrap();
     let outside = model_with_seed(7, "outside");
@@ -665,10 +660,7 @@ fn checkpoints_rewritten_or_deleted_during_loads_cost_an_error_not_the_server() 
     use std::sync::Arc;
     let a = model_with_seed(18, "vanish");
     let b = model_with_seed(19, "vanish-b");
-    let allowed = std::env::temp_dir().join(format!(
-        "halfstep-hooks-allowed-vanish-{}",
-        std::process::id()
-    ));
+    let allowed = common::scratch("allowed-vanish");
     let _ = std::fs::remove_dir_all(&allowed);
     let ckpt = allowed.join("ckpt");
     std::fs::create_dir_all(&ckpt).unwrap();
@@ -823,10 +815,7 @@ fn no_route_reads_files_outside_the_allowed_weight_dir() {
     assert_eq!(admin_get(&s.url("/weight_info"))["weight_version"], 0);
     // With a dir: absolute paths elsewhere, system files and encoded traversal are refused
     // without echoing any file content.
-    let allowed = std::env::temp_dir().join(format!(
-        "halfstep-hooks-allowed-files-{}",
-        std::process::id()
-    ));
+    let allowed = common::scratch("allowed-files");
     let _ = std::fs::remove_dir_all(&allowed);
     std::fs::create_dir_all(&allowed).unwrap();
     let s = server(&a, &["--allowed-weight-dir", allowed.to_str().unwrap()]);

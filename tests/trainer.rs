@@ -225,7 +225,7 @@ async fn rl_step(dir: &Path, a: &str, b: &str) {
 fn the_rl_loop_samples_steps_pushes_logs_and_reports_mismatch() {
     let dir = common::tiny_model();
     let s = Server::start(&dir, &["--admin-key", ADMIN]);
-    let out = std::env::temp_dir().join(format!("halfstep-rl-loop-{}", std::process::id()));
+    let out = common::scratch("rl-loop");
     let _ = std::fs::remove_dir_all(&out);
     let cfg = halfstep_trainer::rl::RlConfig {
         steps: 2,

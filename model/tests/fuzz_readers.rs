@@ -54,10 +54,7 @@ fn safetensors_seed() -> &'static [u8] {
     static B: OnceLock<Vec<u8>> = OnceLock::new();
     B.get_or_init(|| {
         let spec = TinyModelSpec::default();
-        let p = std::env::temp_dir().join(format!(
-            "halfstep-fuzz-seed-{}.safetensors",
-            std::process::id()
-        ));
+        let p = common::scratch("seed.safetensors");
         let enc: Vec<_> = spec
             .tensors()
             .into_iter()

@@ -15,8 +15,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/common/scratch.rs"]
+mod scratch;
+use scratch::scratch;
+
 fn tiny_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("halfstep-engine-test-{}", std::process::id()));
+    let dir = scratch("tiny");
     if !dir.join("model.safetensors").exists() {
         let tmp = dir.with_extension(
             format!("tmp{:?}", std::thread::current().id()).replace(['(', ')'], ""),

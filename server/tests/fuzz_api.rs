@@ -10,6 +10,10 @@ use halfstep_model::{Checkpoint, Kernels, Model, Tokenizer};
 use halfstep_server::api::{self, ApiConfig, AppState};
 use halfstep_server::engine::{start_engine, EngineConfig};
 use proptest::prelude::*;
+
+#[path = "../../tests/common/scratch.rs"]
+mod scratch;
+use scratch::scratch;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -47,7 +51,7 @@ fn properties(spec: &Value, schema: &Value, out: &mut Vec<String>) {
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("halfstep-fuzz-api-{}", std::process::id()));
+        let dir = scratch("tiny");
         let _ = std::fs::remove_dir_all(&dir);
         TinyModelSpec::default().write(&dir).unwrap();
         let ck = Checkpoint::open(&dir).unwrap();

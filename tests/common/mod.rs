@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod scratch;
+pub use scratch::scratch;
+
 /// A running server process, killed on drop.
 pub struct Server {
     child: Child,
@@ -16,7 +19,7 @@ pub struct Server {
 
 /// The tiny model directory, written once per test binary run.
 pub fn tiny_model() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("halfstep-http-tiny-{}", std::process::id()));
+    let dir = scratch("tiny");
     if !dir.join("model.safetensors").exists() {
         // Tests of one binary run in parallel threads: each writes its own copy, one wins.
         let tmp = dir.with_extension(
@@ -46,8 +49,7 @@ impl Server {
     pub fn start(model: &Path, args: &[&str]) -> Server {
         for _ in 0..3 {
             let port = free_port();
-            let log = std::env::temp_dir()
-                .join(format!("halfstep-test-{}-{port}.log", std::process::id()));
+            let log = scratch(&format!("server-{port}.log"));
             let child = Command::new(env!("CARGO_BIN_EXE_halfstep"))
                 .arg("serve")
                 .arg(model)

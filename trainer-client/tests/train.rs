@@ -8,8 +8,12 @@ use halfstep_model::{Checkpoint, Kernels, Model};
 use halfstep_trainer::optim::{LossScaler, LrSchedule};
 use halfstep_trainer::trainer::{Rollout, Trainer, TrainerConfig};
 
+#[path = "../../tests/common/scratch.rs"]
+mod scratch;
+use scratch::scratch;
+
 fn tiny() -> Model<f16> {
-    let dir = std::env::temp_dir().join(format!("halfstep-trainer-tiny-{}", std::process::id()));
+    let dir = scratch("tiny");
     if !dir.join("model.safetensors").exists() {
         let tmp = dir
             .with_extension(format!("{:?}", std::thread::current().id()).replace(['(', ')'], ""));
@@ -113,7 +117,7 @@ fn a_resumed_checkpoint_continues_exactly() {
     let mut a = Trainer::new(tiny(), cfg).unwrap();
     let r = rollout(&a, &SEQ, 4, 1.0);
     a.step(&[r]).unwrap();
-    let dir = std::env::temp_dir().join(format!("halfstep-trainer-ckpt-{}", std::process::id()));
+    let dir = scratch("ckpt");
     a.save_checkpoint(&dir).unwrap();
     let mut b = Trainer::load_checkpoint(tiny(), &dir).unwrap();
     assert_eq!(masters(&a), masters(&b));

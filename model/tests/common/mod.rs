@@ -5,6 +5,10 @@ use halfstep_model::testmodel::TinyModelSpec;
 use halfstep_model::{Checkpoint, Elem, Kernels, Model, SimdLevel};
 use std::path::PathBuf;
 
+#[path = "../../../tests/common/scratch.rs"]
+mod scratch;
+pub use scratch::scratch;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -33,12 +37,7 @@ pub fn default_model() -> Option<PathBuf> {
 
 /// Writes a tiny model into a fresh temporary directory and returns the directory.
 pub fn tiny_model_dir(spec: &TinyModelSpec, tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "halfstep-test-{}-{}-{}",
-        tag,
-        std::process::id(),
-        spec.seed
-    ));
+    let dir = scratch(&format!("{tag}-{}", spec.seed));
     let _ = std::fs::remove_dir_all(&dir);
     spec.write(&dir).expect("writing the tiny model");
     dir

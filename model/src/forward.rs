@@ -5,7 +5,7 @@ use crate::dtype::Elem;
 use crate::kernels::act::silu_gate;
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::gemm::{matmul, matmul_many, Output, Proj};
-use crate::kernels::norm::rms_norm;
+use crate::kernels::norm::{residual_norm, rms_norm};
 use crate::kernels::rope::Rope;
 use crate::kernels::round::round_in_place;
 use crate::kernels::Kernels;
@@ -354,7 +354,10 @@ impl<T: Elem> Model<T> {
             head_dim: c.head_dim,
         };
         for (li, l) in self.layers.iter().enumerate() {
-            rms_norm(level, h, self.w(l.attn_norm), eps, xn);
+            // The residual add that ends a layer is done with the next layer's first norm, in
+            // one pass over the rows.
+            let add = (li > 0).then_some(&o[..]);
+            residual_norm(kern, h, add, self.w(l.attn_norm), eps, xn);
             let bias = |j: usize| l.qkv_bias.map(|b| self.w(b[j]));
             matmul_many(
                 kern,
@@ -398,8 +401,7 @@ impl<T: Elem> Model<T> {
             }
             attention::<T>(kern, shape, li, q, &seqs, &positions, &*kv, att);
             matmul(kern, att, m, qd, self.w(l.o), hd, None, Output::Round, o);
-            add_round::<T>(level, h, o);
-            rms_norm(level, h, self.w(l.mlp_norm), eps, xn);
+            residual_norm(kern, h, Some(o), self.w(l.mlp_norm), eps, xn);
             matmul_many(
                 kern,
                 xn,
@@ -434,6 +436,8 @@ impl<T: Elem> Model<T> {
                 Output::Round,
                 o,
             );
+        }
+        if !self.layers.is_empty() {
             add_round::<T>(level, h, o);
         }
         let n = logit_rows.len();

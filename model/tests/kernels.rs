@@ -9,7 +9,7 @@ use halfstep_model::kernels::attention::{attention, AttentionShape};
 use halfstep_model::kernels::dot::dot;
 use halfstep_model::kernels::gemm::{matmul, Output};
 use halfstep_model::kernels::math::silu;
-use halfstep_model::kernels::norm::rms_norm;
+use halfstep_model::kernels::norm::{residual_norm, rms_norm};
 use halfstep_model::kernels::rope::Rope;
 use halfstep_model::kernels::softmax::{log_softmax, softmax_in_place};
 use halfstep_model::{ContiguousKv, Elem, KernelMode, Kernels, KvCache, PagedKv, SimdLevel};
@@ -352,6 +352,54 @@ fn rms_norm_matches_f64_reference() {
     rms_norm_matches_reference::<f32>();
     rms_norm_matches_reference::<f16>();
     rms_norm_matches_reference::<bf16>();
+}
+
+/// The residual add and norm that join two layers: h + add rounded to `T`, then rms_norm, per
+/// row; the same bits whichever threads share the rows.
+fn residual_norm_matches_reference<T: Elem>() {
+    let d = 72;
+    for rows in [1, 15, 16, 17, 40] {
+        let h0 = rounded::<T>(&common::values(10, rows * d));
+        let add = rounded::<T>(&common::values(11, rows * d));
+        let w: Vec<T> = to_elems(&common::values(12, d));
+        let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+        for threads in [1, 2, 3] {
+            let kern = Kernels::with_threads(SimdLevel::detect(), threads);
+            let (mut h, mut out) = (h0.clone(), vec![0f32; rows * d]);
+            residual_norm(&kern, &mut h, Some(&add), &w, 1e-5, &mut out);
+            for r in 0..rows {
+                let span = r * d..(r + 1) * d;
+                for i in span.clone() {
+                    let want = (h0[i] as f64 + add[i] as f64) as f32;
+                    assert_eq!(h[i], T::round(want), "{:?} rows {rows} h[{i}]", T::DTYPE);
+                }
+                let row = &h[span.clone()];
+                let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (ms + 1e-5).sqrt();
+                for (i, &v) in row.iter().enumerate() {
+                    let want = v as f64 * inv * w[i].to_f32() as f64;
+                    let tol = want.abs() * (2.02 * unit::<T>() + 1e-6) + 1e-30;
+                    let got = out[r * d + i] as f64;
+                    assert!((got - want).abs() <= tol, "{:?}: {got} vs {want}", T::DTYPE);
+                }
+            }
+            match &first {
+                None => first = Some((h, out)),
+                Some((h1, o1)) => {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&h), bits(h1), "rows {rows}, {threads} threads");
+                    assert_eq!(bits(&out), bits(o1), "rows {rows}, {threads} threads");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn residual_norm_matches_f64_reference_on_any_thread_count() {
+    residual_norm_matches_reference::<f32>();
+    residual_norm_matches_reference::<f16>();
+    residual_norm_matches_reference::<bf16>();
 }
 
 #[test]

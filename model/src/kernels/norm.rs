@@ -2,7 +2,7 @@
 
 use super::dot::dot;
 use super::round::round_in_place;
-use super::SimdLevel;
+use super::{split_range, Kernels, SharedOut, SimdLevel};
 use crate::dtype::Elem;
 
 /// y = round(round(x / rms(x)) · w) per row of width `w.len()`, as Hugging Face's LlamaRMSNorm
@@ -33,4 +33,48 @@ pub fn rms_norm<T: Elem>(level: SimdLevel, x: &[f32], w: &[T], eps: f32, out: &m
 pub fn rms_inv(level: SimdLevel, x: &[f32], eps: f32) -> f32 {
     let ss = dot::<f32>(level, x, x);
     1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+/// Per row of `h`: h = round(h + add) when `add` is given (the residual connection), then
+/// out = [`rms_norm`] of it; rows are shared among the pool's threads.
+pub fn residual_norm<T: Elem>(
+    kern: &Kernels,
+    h: &mut [f32],
+    add: Option<&[f32]>,
+    w: &[T],
+    eps: f32,
+    out: &mut [f32],
+) {
+    let d = w.len();
+    let rows = h.len() / d.max(1);
+    let level = kern.level;
+    let one = |h: &mut [f32], add: Option<&[f32]>, out: &mut [f32]| {
+        if let Some(a) = add {
+            for (x, &y) in h.iter_mut().zip(a) {
+                *x += y;
+            }
+            round_in_place::<T>(level, h);
+        }
+        rms_norm(level, h, w, eps, out);
+    };
+    let threads = kern.pool.threads();
+    // A row costs well under a microsecond: below this, handing rows out costs more than it saves.
+    if threads == 1 || rows < 8 * threads {
+        one(h, add, out);
+        return;
+    }
+    let ranges = split_range(rows, threads, 1);
+    let (hp, op) = (SharedOut::new(h), SharedOut::new(out));
+    kern.pool.run(&|t| {
+        let r = ranges[t].clone();
+        let span = r.start * d..r.end * d;
+        // SAFETY: thread `t` owns rows `r` of `h` and `out`.
+        let (hs, os) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(hp.get().add(span.start), span.len()),
+                std::slice::from_raw_parts_mut(op.get().add(span.start), span.len()),
+            )
+        };
+        one(hs, add.map(|a| &a[span]), os);
+    });
 }

@@ -233,10 +233,10 @@ fn filter(l: &[f32], p: &SamplingParams) -> Option<Vec<u32>> {
     if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
         return None;
     }
-    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m = max_of(l);
     let mut e = vec![0f32; l.len()];
     exp_shifted(l, m, &mut e);
-    let z: f64 = e.iter().map(|&v| v as f64).sum();
+    let z = sum_f64(&e);
     let order = |a: &u32, b: &u32| by_value_desc(&(*a, l[*a as usize]), &(*b, l[*b as usize]));
     // Sorting the whole vocabulary every step is slow; the kept set is almost always among
     // the most likely few hundred, so sort those and widen only if they fall short.
@@ -293,26 +293,83 @@ fn draw(l: &[f32], kept: &Option<Vec<u32>>, u: f64) -> u32 {
         }
         None => {
             // The whole vocabulary: exponentials 16 wide (same bits as `exp`).
-            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m = max_of(l);
             let mut w = vec![0f32; l.len()];
             exp_shifted(l, m, &mut w);
             (w, Box::new(|i| i as u32))
         }
     };
-    let total: f64 = w.iter().map(|&x| x as f64).sum();
-    let target = u * total;
-    let mut cum = 0f64;
-    for (i, &wi) in w.iter().enumerate() {
-        cum += wi as f64;
-        if cum > target && wi > 0.0 {
-            return id(i);
-        }
-    }
-    // Rounding left the target at the very end: the last token with weight.
-    w.iter()
-        .rposition(|&wi| wi > 0.0)
+    // Rounding can leave the target at the very end: then the last token with weight.
+    pick(&w, u)
+        .or_else(|| w.iter().rposition(|&wi| wi > 0.0))
         .map(&id)
         .unwrap_or_else(|| id(0))
+}
+
+/// Positions summed per block when drawing from a whole vocabulary.
+const DRAW_BLOCK: usize = 1024;
+
+/// The first `i` with `w[i] > 0` at which the running sum of `w` passes `u · Σw`, if rounding
+/// lets it: whole blocks are skipped by their sums, and only the block holding the target is
+/// walked one weight at a time.
+fn pick(w: &[f32], u: f64) -> Option<usize> {
+    let sums: Vec<f64> = w.chunks(DRAW_BLOCK).map(sum_f64).collect();
+    let target = u * sums.iter().sum::<f64>();
+    let mut cum = 0f64;
+    for (b, &s) in sums.iter().enumerate() {
+        if cum + s > target {
+            // The walk may run past this block when its running sum rounds below `cum + s`.
+            let start = b * DRAW_BLOCK;
+            for (i, &wi) in w[start..].iter().enumerate() {
+                cum += wi as f64;
+                if cum > target && wi > 0.0 {
+                    return Some(start + i);
+                }
+            }
+            return None;
+        }
+        cum += s;
+    }
+    None
+}
+
+/// The largest value, ignoring NaN as `f32::max` does; −inf for none.
+fn max_of(v: &[f32]) -> f32 {
+    // Sixteen independent maxima: one chain of dependent compares was most of a draw's time.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = m.max(x);
+        }
+    }
+    tail.iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Σ v in f64, eight positions at a time (a fixed order, so the same bits every call).
+fn sum_f64(v: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x as f64;
+        }
+    }
+    let pairs = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    tail.iter()
+        .fold((pairs[0] + pairs[2]) + (pairs[1] + pairs[3]), |s, &x| {
+            s + x as f64
+        })
 }
 
 /// Log-probabilities of the distribution restricted to `kept` and renormalised.
@@ -433,6 +490,48 @@ mod tests {
                 df - 1
             );
         }
+    }
+
+    #[test]
+    fn block_draw_finds_the_token_a_sequential_walk_finds() {
+        // A vocabulary-sized weight row with runs of zeros (masked tokens) and a tail.
+        let n = 5 * DRAW_BLOCK + 37;
+        let mut rng = SeqRng::new(99, 0);
+        let w: Vec<f32> = (0..n)
+            .map(|i| {
+                let r = rng.uniform() as f32;
+                if (i / 300) % 4 == 1 {
+                    0.0
+                } else {
+                    r * r
+                }
+            })
+            .collect();
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        assert!((sum_f64(&w) - total).abs() <= 1e-12 * total);
+        let want_max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max_of(&w), want_max);
+        assert_eq!(max_of(&[]), f32::NEG_INFINITY);
+        for k in 0..2000 {
+            let u = (k as f64 + 0.5) / 2000.0;
+            let target = u * total;
+            let (mut cum, mut want) = (0f64, None);
+            for (i, &wi) in w.iter().enumerate() {
+                let before = cum;
+                cum += wi as f64;
+                if cum > target && wi > 0.0 {
+                    // Both walks agree unless the target sits within rounding of a boundary.
+                    let near = (before - target).abs().min((cum - target).abs()) < 1e-9 * total;
+                    want = (!near).then_some(i);
+                    break;
+                }
+            }
+            if let Some(i) = want {
+                assert_eq!(pick(&w, u), Some(i), "u = {u}");
+                assert!(w[i] > 0.0);
+            }
+        }
+        assert_eq!(pick(&[0.0; 3000], 0.5), None);
     }
 
     #[test]

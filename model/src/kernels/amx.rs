@@ -121,56 +121,89 @@ unsafe fn split32(a: __m512, b: __m512) -> (__m512i, __m512i) {
     (hi, lo)
 }
 
+/// The two index vectors of the transpose stage that swaps bit `$s` of the row index with bit
+/// `$s` of the column index: one two-source permute per output row.
+macro_rules! stage_indices {
+    ($s:expr) => {{
+        const S: usize = $s;
+        const IA: [i32; 16] = {
+            let mut a = [0i32; 16];
+            let mut c = 0;
+            while c < 16 {
+                a[c] = if c & S == 0 {
+                    c as i32
+                } else {
+                    (16 + c - S) as i32
+                };
+                c += 1;
+            }
+            a
+        };
+        const IB: [i32; 16] = {
+            let mut a = [0i32; 16];
+            let mut c = 0;
+            while c < 16 {
+                a[c] = if c & S == 0 {
+                    (c + S) as i32
+                } else {
+                    (16 + c) as i32
+                };
+                c += 1;
+            }
+            a
+        };
+        (
+            _mm512_loadu_si512(IA.as_ptr() as *const _),
+            _mm512_loadu_si512(IB.as_ptr() as *const _),
+        )
+    }};
+}
+
+/// One transpose stage (see [`stage_indices`]) over rows `$r[0..16]`.
+macro_rules! stage {
+    ($r:ident, $s:expr) => {{
+        let (ia, ib) = stage_indices!($s);
+        for i in 0..16 {
+            if i & $s == 0 {
+                let (a, b) = ($r[i], $r[i + $s]);
+                $r[i] = _mm512_permutex2var_epi32(a, ia, b);
+                $r[i + $s] = _mm512_permutex2var_epi32(a, ib, b);
+            }
+        }
+    }};
+}
+
 /// Transposes a 16 × 16 matrix of 32-bit values held one row per register.
+///
+/// Swapping bit s of the row index with bit s of the column index, for s = 8, 4, 2, 1,
+/// transposes.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16(r: &mut [__m512i; 16]) {
-    // Swapping bit s of the row index with bit s of the column index, for s = 8, 4, 2, 1,
-    // transposes; each swap is one two-source permute per row.
-    macro_rules! stage {
-        ($s:expr) => {{
-            const S: usize = $s;
-            const IA: [i32; 16] = {
-                let mut a = [0i32; 16];
-                let mut c = 0;
-                while c < 16 {
-                    a[c] = if c & S == 0 {
-                        c as i32
-                    } else {
-                        (16 + c - S) as i32
-                    };
-                    c += 1;
-                }
-                a
-            };
-            const IB: [i32; 16] = {
-                let mut a = [0i32; 16];
-                let mut c = 0;
-                while c < 16 {
-                    a[c] = if c & S == 0 {
-                        (c + S) as i32
-                    } else {
-                        (16 + c) as i32
-                    };
-                    c += 1;
-                }
-                a
-            };
-            let ia = _mm512_loadu_si512(IA.as_ptr() as *const _);
-            let ib = _mm512_loadu_si512(IB.as_ptr() as *const _);
-            for i in 0..16 {
-                if i & S == 0 {
-                    let (a, b) = (r[i], r[i + S]);
-                    r[i] = _mm512_permutex2var_epi32(a, ia, b);
-                    r[i + S] = _mm512_permutex2var_epi32(a, ib, b);
-                }
-            }
-        }};
+    stage!(r, 8);
+    stage!(r, 4);
+    stage!(r, 2);
+    stage!(r, 1);
+}
+
+/// [`transpose16`] of the 16 rows at `p` (64-byte aligned).
+///
+/// The first stage reads memory itself: loading the rows into an array first compiled to a
+/// memcpy call per tile.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_transposed16(p: *const __m512i) -> [__m512i; 16] {
+    let mut r = [_mm512_setzero_si512(); 16];
+    let (ia, ib) = stage_indices!(8);
+    for i in 0..8 {
+        let (a, b) = (_mm512_load_si512(p.add(i)), _mm512_load_si512(p.add(i + 8)));
+        r[i] = _mm512_permutex2var_epi32(a, ia, b);
+        r[i + 8] = _mm512_permutex2var_epi32(a, ib, b);
     }
-    stage!(8);
-    stage!(4);
-    stage!(2);
-    stage!(1);
+    stage!(r, 4);
+    stage!(r, 2);
+    stage!(r, 1);
+    r
 }
 
 /// Load masks of the two 16-value halves of a block holding `n` (1..=32) values.
@@ -586,12 +619,7 @@ unsafe fn store_tiles<T: Elem>(
             None => _mm512_setzero_ps(),
         };
         for b in 0..(1 + pair as usize) {
-            let tile = &c[2 * a + b];
-            let mut rows = [_mm512_setzero_si512(); TR];
-            for (i, r) in rows.iter_mut().enumerate() {
-                *r = _mm512_load_si512(tile.0.as_ptr().add(i * TR) as *const _);
-            }
-            transpose16(&mut rows);
+            let rows = load_transposed16(c[2 * a + b].0.as_ptr() as *const __m512i);
             let r0 = (mb + b) * TR;
             for (i, r) in rows.iter().enumerate().take(m.saturating_sub(r0).min(TR)) {
                 let v = _mm512_add_ps(_mm512_castsi512_ps(*r), bv);
@@ -610,21 +638,27 @@ mod tests {
         if !is_x86_feature_detected!("avx512f") {
             return;
         }
-        let src: Vec<u32> = (0..256).collect();
-        // SAFETY: AVX-512F checked above.
+        let mut src = Tile::default();
+        for (i, v) in src.0.iter_mut().enumerate() {
+            *v = i as u32;
+        }
+        // SAFETY: AVX-512F checked above; a tile's rows are 64-byte aligned.
         unsafe {
             let mut r = [_mm512_setzero_si512(); 16];
             for (i, v) in r.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(src.as_ptr().add(16 * i) as *const _);
+                *v = _mm512_loadu_si512(src.0.as_ptr().add(16 * i) as *const _);
             }
             transpose16(&mut r);
-            let mut got = [0u32; 256];
-            for (i, v) in r.iter().enumerate() {
-                _mm512_storeu_si512(got.as_mut_ptr().add(16 * i) as *mut _, *v);
-            }
-            for i in 0..16 {
-                for j in 0..16 {
-                    assert_eq!(got[i * 16 + j], src[j * 16 + i], "({i}, {j})");
+            let loaded = load_transposed16(src.0.as_ptr() as *const __m512i);
+            for rows in [r, loaded] {
+                let mut got = [0u32; 256];
+                for (i, v) in rows.iter().enumerate() {
+                    _mm512_storeu_si512(got.as_mut_ptr().add(16 * i) as *mut _, *v);
+                }
+                for i in 0..16 {
+                    for j in 0..16 {
+                        assert_eq!(got[i * 16 + j], src.0[j * 16 + i], "({i}, {j})");
+                    }
                 }
             }
         }

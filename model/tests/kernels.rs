@@ -245,6 +245,13 @@ fn fast_matmul_checks<T: Elem>() {
                         T::DTYPE,
                         got[at]
                     );
+                    // Output::Round is the F32 output rounded to T, whichever pass rounds it.
+                    assert_eq!(
+                        rounded_fast[at].to_bits(),
+                        T::round(got[at]).to_bits(),
+                        "{:?} m{m} k{k} n{n} [{r},{j}]",
+                        T::DTYPE
+                    );
                     // Both sums are within `tol` of the exact one, then each rounding moves it by
                     // at most half an ulp.
                     let ulp = unit::<T>() * 2.0 * want.abs();

@@ -329,7 +329,8 @@ unsafe fn split_units<T: Elem>(
 const GROUP_TILES: usize = 8;
 
 /// Columns `cols` of all `m` rows: `out[r, j] = Σ x[r, k]·w[j, k] (+ bias[j])`, from `xt`
-/// (packed by [`pack_x`]). Rounding is left to the caller.
+/// (packed by [`pack_x`]), rounded to f16 on the way out when `round_f16` (other rounding is
+/// left to the caller).
 ///
 /// # Safety
 /// [`available`] returned true, the caller owns columns `cols` of the m × n output, and `xt`
@@ -345,6 +346,7 @@ pub(crate) unsafe fn matmul_cols<T: Elem>(
     bias: Option<&[T]>,
     out: SharedOut,
     cols: std::ops::Range<usize>,
+    round_f16: bool,
 ) {
     if cols.is_empty() {
         return;
@@ -551,7 +553,7 @@ pub(crate) unsafe fn matmul_cols<T: Elem>(
                     options(nostack)
                 );
                 if let Some((s, mb, pair, j, nr)) = pending {
-                    store_tiles(&c[s], m, n, mb, pair, j, nr, bias, out);
+                    store_tiles(&c[s], m, n, mb, pair, j, nr, bias, round_f16, out);
                 }
                 pending = Some((slot, mb, pair, cur.j, cur.nr));
                 slot ^= 1;
@@ -575,14 +577,14 @@ pub(crate) unsafe fn matmul_cols<T: Elem>(
     }
     asm!("tilerelease", options(nostack, nomem));
     if let Some((s, mb, pair, j, nr)) = pending {
-        store_tiles(&c[s], m, n, mb, pair, j, nr, bias, out);
+        store_tiles(&c[s], m, n, mb, pair, j, nr, bias, round_f16, out);
     }
     PANEL.with(|p| *p.borrow_mut() = bufs);
 }
 
 /// Writes the accumulator tiles of row tiles `mb` (and `mb + 1` when `pair`) and columns
-/// `j..j + nr` to the output, adding the bias. Tile (weight tile a, row tile b) is `c[2a + b]`,
-/// laid out [column][row].
+/// `j..j + nr` to the output, adding the bias and rounding to f16 when `round_f16`. Tile (weight
+/// tile a, row tile b) is `c[2a + b]`, laid out [column][row].
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -595,6 +597,7 @@ unsafe fn store_tiles<T: Elem>(
     j: usize,
     nr: usize,
     bias: Option<&[T]>,
+    round_f16: bool,
     out: SharedOut,
 ) {
     for a in 0..2 {
@@ -622,7 +625,11 @@ unsafe fn store_tiles<T: Elem>(
             let rows = load_transposed16(c[2 * a + b].0.as_ptr() as *const __m512i);
             let r0 = (mb + b) * TR;
             for (i, r) in rows.iter().enumerate().take(m.saturating_sub(r0).min(TR)) {
-                let v = _mm512_add_ps(_mm512_castsi512_ps(*r), bv);
+                let mut v = _mm512_add_ps(_mm512_castsi512_ps(*r), bv);
+                if round_f16 {
+                    // Round to nearest even, as every other f16 rounding in the crate.
+                    v = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
+                }
                 _mm512_mask_storeu_ps(out.get().add((r0 + i) * n + j0), cmask, v);
             }
         }

@@ -209,12 +209,26 @@ pub fn matmul_many<T: Elem>(
             };
             run_on(kern, threads, &pack);
             let xt = &xt[..len];
+            // f16 rounding happens as the tiles are stored, not in a second pass.
+            let in_store = mode == Output::Round && T::KIND == crate::dtype::ElemKind::F16;
             let job = |_: usize| {
                 pieces(&mut |p, cols| {
                     // SAFETY: each thread writes only its columns of every row.
                     unsafe {
-                        super::amx::matmul_cols(xt, m, k, p.w, p.n, p.bias, p.out, cols.clone());
-                        round_cols::<T>(level, mode, p.out.get(), m, p.n, cols);
+                        super::amx::matmul_cols(
+                            xt,
+                            m,
+                            k,
+                            p.w,
+                            p.n,
+                            p.bias,
+                            p.out,
+                            cols.clone(),
+                            in_store,
+                        );
+                        if !in_store {
+                            round_cols::<T>(level, mode, p.out.get(), m, p.n, cols);
+                        }
                     }
                 });
             };

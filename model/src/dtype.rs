@@ -1,5 +1,6 @@
 //! Run dtypes: the storage precisions a model runs in, and rounding to them.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::fmt;
 use std::str::FromStr;
@@ -93,6 +94,20 @@ pub trait Elem: Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static 
     fn round(x: f32) -> f32 {
         Self::from_f32(x).to_f32()
     }
+    /// `dst[i] = from_f32(src[i])` for equal-length slices.
+    #[inline]
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(x);
+        }
+    }
+    /// `dst[i] = src[i].to_f32()` for equal-length slices.
+    #[inline]
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x.to_f32();
+        }
+    }
 }
 
 impl Elem for f16 {
@@ -106,6 +121,16 @@ impl Elem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
+    // half's slice conversions run 4 to 16 values per instruction where the CPU has them (a call
+    // per value otherwise), with the same nearest-even rounding.
+    #[inline]
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
+    #[inline]
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
 }
 
 impl Elem for bf16 {
@@ -118,6 +143,16 @@ impl Elem for bf16 {
     #[inline]
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    // half's slice conversions run 4 to 16 values per instruction where the CPU has them (a call
+    // per value otherwise), with the same nearest-even rounding.
+    #[inline]
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
+    #[inline]
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
     }
 }
 
@@ -171,5 +206,36 @@ mod tests {
         assert_eq!(DType::Float16.round(y), 1.0 + f32::powi(2.0, -9));
         assert_eq!(DType::Bfloat16.round(1.0 + f32::powi(2.0, -8)), 1.0);
         assert_eq!(DType::Float32.round(x), x);
+    }
+
+    fn slices_convert_as_single_values<T: Elem>() {
+        // Ties, overflow, subnormals, infinities and a length that leaves a SIMD remainder.
+        let mut xs: Vec<f32> = (0..203)
+            .map(|i| ((i as f32) * 0.917).sin() * 10f32.powi(i % 14 - 9))
+            .collect();
+        xs.extend([
+            1.0 + f32::powi(2.0, -11),
+            65520.0,
+            1e30,
+            -0.0,
+            6e-8,
+            f32::INFINITY,
+        ]);
+        let mut got = vec![T::default(); xs.len()];
+        T::from_f32_slice(&xs, &mut got);
+        let want: Vec<T> = xs.iter().map(|&x| T::from_f32(x)).collect();
+        assert_eq!(got, want, "{:?}", T::DTYPE);
+        let mut back = vec![0f32; xs.len()];
+        T::to_f32_slice(&got, &mut back);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let want: Vec<f32> = got.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(bits(&back), bits(&want), "{:?}", T::DTYPE);
+    }
+
+    #[test]
+    fn slice_conversions_match_the_single_value_ones() {
+        slices_convert_as_single_values::<f16>();
+        slices_convert_as_single_values::<bf16>();
+        slices_convert_as_single_values::<f32>();
     }
 }

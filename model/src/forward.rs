@@ -391,12 +391,8 @@ impl<T: Elem> Model<T> {
                     .apply_at::<T>(level, &mut q[r * qd..(r + 1) * qd], positions[r]);
                 self.rope
                     .apply_at::<T>(level, &mut k[r * kvd..(r + 1) * kvd], positions[r]);
-                for (dst, &x) in kt.iter_mut().zip(&k[r * kvd..(r + 1) * kvd]) {
-                    *dst = T::from_f32(x);
-                }
-                for (dst, &x) in vt.iter_mut().zip(&v[r * kvd..(r + 1) * kvd]) {
-                    *dst = T::from_f32(x);
-                }
+                T::from_f32_slice(&k[r * kvd..(r + 1) * kvd], &mut kt);
+                T::from_f32_slice(&v[r * kvd..(r + 1) * kvd], &mut vt);
                 kv.write(li, seqs[r], positions[r], &kt, &vt);
             }
             attention::<T>(kern, shape, li, q, &seqs, &positions, &*kv, att);

@@ -15,14 +15,17 @@ pub fn rms_norm<T: Elem>(level: SimdLevel, x: &[f32], w: &[T], eps: f32, out: &m
         d > 0 && x.len().is_multiple_of(d) && out.len() == x.len(),
         "rms_norm: bad shapes"
     );
+    // Widened once per call, not once per row.
+    let mut wf = vec![0f32; d];
+    T::to_f32_slice(w, &mut wf);
     for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let inv = rms_inv(level, xr, eps);
         for (y, &xv) in yr.iter_mut().zip(xr) {
             *y = xv * inv;
         }
         round_in_place::<T>(level, yr);
-        for (y, &wv) in yr.iter_mut().zip(w) {
-            *y *= wv.to_f32();
+        for (y, &wv) in yr.iter_mut().zip(&wf) {
+            *y *= wv;
         }
         round_in_place::<T>(level, yr);
     }

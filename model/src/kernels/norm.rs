@@ -15,17 +15,19 @@ pub fn rms_norm<T: Elem>(level: SimdLevel, x: &[f32], w: &[T], eps: f32, out: &m
         d > 0 && x.len().is_multiple_of(d) && out.len() == x.len(),
         "rms_norm: bad shapes"
     );
-    // Widened once per call, not once per row.
-    let mut wf = vec![0f32; d];
-    T::to_f32_slice(w, &mut wf);
     for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let inv = rms_inv(level, xr, eps);
         for (y, &xv) in yr.iter_mut().zip(xr) {
             *y = xv * inv;
         }
         round_in_place::<T>(level, yr);
-        for (y, &wv) in yr.iter_mut().zip(&wf) {
-            *y *= wv;
+        // The weight is widened a slice at a time on the stack: no allocation per call.
+        let mut wf = [0f32; 64];
+        for (ys, ws) in yr.chunks_mut(64).zip(w.chunks(64)) {
+            T::to_f32_slice(ws, &mut wf[..ws.len()]);
+            for (y, &wv) in ys.iter_mut().zip(&wf) {
+                *y *= wv;
+            }
         }
         round_in_place::<T>(level, yr);
     }

@@ -66,12 +66,16 @@ pub fn attention<T: Elem>(
         let per_item = if n_tok >= 4 * threads { n_kv_heads } else { 1 };
         let slices = n_kv_heads / per_item;
         let items = n_tok * slices;
-        // Causal work grows with the position: split by keys visited, not by item count.
-        let ranges = split_by_cost(items, threads, |it| positions[it / slices] + 1);
-        let job = |t: usize| {
-            let Some(range) = ranges.get(t) else { return };
+        // Threads take items one at a time: a thread held up (by the host, an interrupt) then
+        // leaves its remaining items to the others instead of keeping them waiting.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let job = |_: usize| {
             let mut scratch = x86::Scratch::default();
-            for item in range.clone() {
+            loop {
+                let item = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if item >= items {
+                    break;
+                }
                 let (i, kvh0) = (item / slices, (item % slices) * per_item);
                 let off = i * q_dim + kvh0 * group * head_dim;
                 let width = per_item * group * head_dim;
@@ -94,7 +98,7 @@ pub fn attention<T: Elem>(
                 }
             }
         };
-        if threads == 1 || ranges.len() == 1 {
+        if threads == 1 || items == 1 {
             job(0);
         } else {
             kern.pool.run(&job);
@@ -135,29 +139,6 @@ pub fn attention<T: Elem>(
     } else {
         kern.pool.run(&job);
     }
-}
-
-/// Splits items `0..n` into at most `parts` contiguous ranges of about equal total `cost`.
-fn split_by_cost(
-    n: usize,
-    parts: usize,
-    cost: impl Fn(usize) -> usize,
-) -> Vec<std::ops::Range<usize>> {
-    let total: usize = (0..n).map(&cost).sum();
-    let per = total.div_ceil(parts.max(1)).max(1);
-    let mut ranges = Vec::with_capacity(parts);
-    let (mut start, mut acc) = (0, 0);
-    for i in 0..n {
-        acc += cost(i);
-        if acc >= per * (ranges.len() + 1) && ranges.len() + 1 < parts {
-            ranges.push(start..i + 1);
-            start = i + 1;
-        }
-    }
-    if start < n {
-        ranges.push(start..n);
-    }
-    ranges
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -631,28 +612,5 @@ mod x86 {
             }
         }
         *acc = local;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_by_cost;
-
-    #[test]
-    fn cost_split_covers_every_item_once_and_balances_causal_work() {
-        for (n, parts) in [(0, 2), (1, 2), (2, 2), (7, 3), (512 * 3, 2), (40, 8)] {
-            let cost = |i: usize| i / 3 + 1;
-            let ranges = split_by_cost(n, parts, cost);
-            assert!(ranges.len() <= parts);
-            let flat: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
-            assert_eq!(flat, (0..n).collect::<Vec<_>>());
-            if n >= 100 {
-                let total: usize = (0..n).map(cost).sum();
-                for r in &ranges {
-                    let c: usize = r.clone().map(cost).sum();
-                    assert!(c * parts <= total + total / 50, "{c} of {total} in {r:?}");
-                }
-            }
-        }
     }
 }

@@ -2,9 +2,8 @@
 
 use crate::config::ModelConfig;
 use crate::dtype::Elem;
-use crate::kernels::act::silu_gate;
 use crate::kernels::attention::{attention, AttentionShape};
-use crate::kernels::gemm::{matmul, matmul_many, Output, Proj};
+use crate::kernels::gemm::{matmul, matmul_gate_up, matmul_many, Output, Proj};
 use crate::kernels::norm::{residual_norm, rms_norm};
 use crate::kernels::rope::Rope;
 use crate::kernels::round::round_in_place;
@@ -398,29 +397,8 @@ impl<T: Elem> Model<T> {
             attention::<T>(kern, shape, li, q, &seqs, &positions, &*kv, att);
             matmul(kern, att, m, qd, self.w(l.o), hd, None, Output::Round, o);
             residual_norm(kern, h, Some(o), self.w(l.mlp_norm), eps, xn);
-            matmul_many(
-                kern,
-                xn,
-                m,
-                hd,
-                &mut [
-                    Proj {
-                        w: self.w(l.gate),
-                        n: inter,
-                        bias: None,
-                        out: g,
-                    },
-                    Proj {
-                        w: self.w(l.up),
-                        n: inter,
-                        bias: None,
-                        out: u,
-                    },
-                ],
-                Output::Round,
-            );
             // As PyTorch in the run dtype: act(gate) is rounded, then the product.
-            silu_gate::<T>(kern, g, u);
+            matmul_gate_up(kern, xn, m, hd, (self.w(l.gate), self.w(l.up)), inter, g, u);
             matmul(
                 kern,
                 g,

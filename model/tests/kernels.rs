@@ -5,9 +5,10 @@ mod common;
 
 use half::{bf16, f16};
 use halfstep_model::dtype::to_elems;
+use halfstep_model::kernels::act::silu_gate;
 use halfstep_model::kernels::attention::{attention, AttentionShape};
 use halfstep_model::kernels::dot::dot;
-use halfstep_model::kernels::gemm::{matmul, Output};
+use halfstep_model::kernels::gemm::{matmul, matmul_gate_up, matmul_many, Output, Proj};
 use halfstep_model::kernels::math::silu;
 use halfstep_model::kernels::norm::{residual_norm, rms_norm};
 use halfstep_model::kernels::rope::Rope;
@@ -299,6 +300,74 @@ fn fast_matmul_checks<T: Elem>() {
             assert_eq!(out, reference[..m * n], "t{threads} m{m}");
         }
     }
+    // Several projections in one call, over several groups of row tiles: every thread count
+    // gives each projection the bits it gets alone on one thread.
+    let (m, k) = (300, 70);
+    let ns = [83, 40, 7];
+    let x = rounded::<T>(&common::values(16, m * k));
+    let ws: Vec<Vec<T>> = ns
+        .iter()
+        .zip(17..)
+        .map(|(&n, seed)| to_elems(&common::values(seed, n * k)))
+        .collect();
+    let alone: Vec<Vec<f32>> = ns
+        .iter()
+        .zip(&ws)
+        .map(|(&n, w)| {
+            let mut out = vec![0f32; m * n];
+            matmul(&fast(1), &x, m, k, w, n, None, Output::Round, &mut out);
+            out
+        })
+        .collect();
+    for threads in [1, 2, 3] {
+        let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0f32; m * n]).collect();
+        let mut projs: Vec<Proj<'_, T>> = ns
+            .iter()
+            .zip(&ws)
+            .zip(outs.iter_mut())
+            .map(|((&n, w), out)| Proj {
+                w,
+                n,
+                bias: None,
+                out,
+            })
+            .collect();
+        matmul_many(&fast(threads), &x, m, k, &mut projs, Output::Round);
+        assert_eq!(outs, alone, "t{threads}");
+    }
+}
+
+/// The fused gate/up product gives the bits of the two projections followed by the gated
+/// activation, in both kernel modes, on any thread count and row count (AMX gates the tiles as
+/// it stores them; other paths gate afterwards).
+fn gate_up_checks<T: Elem>() {
+    let (k, n) = (70, 100);
+    let wg: Vec<T> = to_elems(&common::values(21, n * k));
+    let wu: Vec<T> = to_elems(&common::values(22, n * k));
+    for mode in [KernelMode::Parity, KernelMode::Fast] {
+        for threads in [1, 2, 3] {
+            let kern = Kernels::with_threads(SimdLevel::detect(), threads).with_mode(mode);
+            for m in [1, 5, 16, 64, 300] {
+                let x = rounded::<T>(&common::values(20, m * k));
+                let (mut g, mut u) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul_gate_up(&kern, &x, m, k, (&wg, &wu), n, &mut g, &mut u);
+                let (mut wg_out, mut wu_out) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul(&kern, &x, m, k, &wg, n, None, Output::Round, &mut wg_out);
+                matmul(&kern, &x, m, k, &wu, n, None, Output::Round, &mut wu_out);
+                silu_gate::<T>(&kern, &mut wg_out, &wu_out);
+                let what = format!("{:?} {mode:?} t{threads} m{m}", T::DTYPE);
+                assert_eq!(u, wu_out, "{what}: up");
+                assert_eq!(g, wg_out, "{what}: gated");
+            }
+        }
+    }
+}
+
+#[test]
+fn gate_up_is_the_projections_then_the_gated_activation() {
+    gate_up_checks::<f16>();
+    gate_up_checks::<bf16>();
+    gate_up_checks::<f32>();
 }
 
 #[test]
@@ -538,7 +607,7 @@ fn attention_matches_reference<T: Elem>(shape: AttentionShape, len: usize, posit
     let seqs = vec![0; positions.len()];
     let mut first: Option<Vec<f32>> = None;
     for level in SimdLevel::available() {
-        for threads in [1, 2] {
+        for threads in [1, 2, 3] {
             let kern = Kernels::with_threads(level, threads);
             for store in [&contiguous as &dyn KvCache<T>, &paged as &dyn KvCache<T>] {
                 let mut out = vec![0f32; positions.len() * qd];
@@ -586,6 +655,8 @@ fn attention_matches_reference_for_paged_and_contiguous_kv() {
     let cases = [
         (shape(4, 2, 18), 23, vec![0, 4, 5, 22]),
         (shape(9, 3, 64), 70, vec![0, 15, 16, 17, 31, 69]),
+        // Enough query tokens that work items are whole tokens, shared by several threads.
+        (shape(9, 3, 64), 70, (0..70).step_by(5).collect()),
         (shape(8, 2, 128), 40, vec![3, 39]),
         (shape(10, 2, 80), 33, vec![0, 32]),
         (shape(3, 3, 16), 20, vec![19]),

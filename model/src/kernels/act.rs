@@ -27,7 +27,8 @@ pub fn silu_gate<T: Elem>(kern: &Kernels, g: &mut [f32], u: &[f32]) {
     });
 }
 
-fn silu_gate_range<T: Elem>(level: SimdLevel, g: &mut [f32], u: &[f32]) {
+/// [`silu_gate`] of one slice, on the calling thread.
+pub(crate) fn silu_gate_range<T: Elem>(level: SimdLevel, g: &mut [f32], u: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx512 && T::KIND != ElemKind::Bf16 {
         // SAFETY: AVX-512 is available at this level.

@@ -262,17 +262,188 @@ const CHUNK_KB: usize = 4;
 /// Lines of one chunk buffer: `hi` rows 0..32 then `lo` rows 32..64, `CHUNK_KB` lines each.
 const CHUNK_LINES: usize = 2 * PANEL_COLS * CHUNK_KB;
 
-/// One weight chunk of a thread's columns: weight rows `j..j + nr`, inputs
-/// `32·kb0..32·(kb0 + len)`, for row tiles `tiles`.
+/// One weight chunk of a thread's columns: weight rows `j..j + nr` of projection `part`,
+/// inputs `32·kb0..32·(kb0 + len)`, for row tiles `tiles`.
 #[derive(Clone)]
 struct Item {
-    j: usize,
-    nr: usize,
+    pan: Pan,
     kb0: usize,
     len: usize,
     tiles: std::ops::Range<usize>,
-    /// Bytes of the weights to prefetch meanwhile: a share of the next panel's.
+    /// Addresses of the weights to prefetch meanwhile: a share of the next panel's.
     ahead: std::ops::Range<usize>,
+}
+
+impl Item {
+    /// Chunk `q` of `pan` for row tiles `tiles`, prefetching its share of `upcoming`.
+    fn new<T: Elem>(
+        parts: &[Part<'_, T>],
+        k: usize,
+        pan: Pan,
+        q: usize,
+        tiles: std::ops::Range<usize>,
+        upcoming: Option<Pan>,
+    ) -> Item {
+        let kbs = k.div_ceil(TK);
+        let nchunks = kbs.div_ceil(CHUNK_KB);
+        // The next panel's rows are one contiguous run of memory; each chunk of this panel
+        // asks for its share, so the split finds them in cache (decode reads every weight from
+        // memory once a step).
+        let ahead = upcoming.map_or(0..0, |u| {
+            let size = std::mem::size_of::<T>();
+            let bytes = u.nr * k * size;
+            let share = bytes.div_ceil(nchunks).next_multiple_of(64);
+            let base = parts[u.part].w.as_ptr() as usize + u.j * k * size;
+            base + (q * share).min(bytes)..base + ((q + 1) * share).min(bytes)
+        });
+        Item {
+            pan,
+            kb0: q * CHUNK_KB,
+            len: (kbs - q * CHUNK_KB).min(CHUNK_KB),
+            tiles,
+            ahead,
+        }
+    }
+}
+
+/// A projection of one AMX call: weights `[n, k]`, optional bias, and the `m × n` output that
+/// threads write in disjoint columns.
+#[derive(Clone, Copy)]
+pub(crate) struct Part<'a, T: Elem> {
+    /// Weights, `n` rows of `k`.
+    pub w: &'a [T],
+    /// Output columns.
+    pub n: usize,
+    /// Added to every row.
+    pub bias: Option<&'a [T]>,
+    /// `m × n` outputs.
+    pub out: SharedOut,
+    /// When this is the `up` projection of a gate/up pair: the gate's outputs, which become
+    /// the gated activation as the up outputs are stored (see [`super::act::silu_gate`]).
+    pub gate: Option<SharedOut>,
+}
+
+/// A panel: weight rows (output columns) `j..j + nr` of projection `part`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pan {
+    part: usize,
+    j: usize,
+    nr: usize,
+}
+
+/// The panels of one call's projections, handed out to its threads.
+///
+/// Each group of row tiles sweeps every panel. Within a group, each thread owns an even,
+/// contiguous share of the panels and takes them from its front; a thread done with its share
+/// takes the others' from their back. A thread held up (by the host, an interrupt, a
+/// neighbour's process) then no longer keeps the others waiting at the end of the call, and
+/// each thread still streams contiguous weights almost all of the time.
+pub(crate) struct Panels {
+    /// Output columns of each projection, in order.
+    ns: Vec<usize>,
+    /// Panels of each projection.
+    counts: Vec<usize>,
+    /// Gate/up pairs: a thread takes panel `i` of both projections, gate first, so it can gate
+    /// the outputs as the up tiles are stored.
+    paired: bool,
+    threads: usize,
+    /// Per group, per thread: the share's next (low 32 bits) and end (high 32 bits) panel.
+    shares: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Panels {
+    /// Panels of projections with `ns` output columns each, for `m` rows and `threads`;
+    /// `paired` for a gate/up pair (two projections of equal width).
+    pub(crate) fn new(ns: &[usize], m: usize, threads: usize, paired: bool) -> Panels {
+        assert!(
+            !paired || (ns.len() == 2 && ns[0] == ns[1]),
+            "gate/up widths {ns:?}"
+        );
+        let groups = m.div_ceil(TR).div_ceil(GROUP_TILES);
+        let counts: Vec<usize> = ns.iter().map(|n| n.div_ceil(PANEL_COLS)).collect();
+        let total: usize = if paired {
+            counts[0]
+        } else {
+            counts.iter().sum()
+        };
+        assert!(total < 1 << 32, "too many panels");
+        let shares = (0..groups)
+            .flat_map(|_| {
+                (0..threads).map(move |t| {
+                    let (a, b) = (total * t / threads, total * (t + 1) / threads);
+                    std::sync::atomic::AtomicU64::new(a as u64 | (b as u64) << 32)
+                })
+            })
+            .collect();
+        Panels {
+            ns: ns.to_vec(),
+            counts,
+            paired,
+            threads,
+            shares,
+        }
+    }
+
+    /// The next panel of group `g` for thread `t`: its own share's front, else another's back.
+    /// `held` keeps the up half of a gate/up pair until it is asked for.
+    fn claim(&self, g: usize, t: usize, held: &mut Option<Pan>) -> Option<Pan> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(up) = held.take() {
+            return Some(up);
+        }
+        let take = |u: usize, front: bool| {
+            let s = &self.shares[g * self.threads + u];
+            let mut cur = s.load(Relaxed);
+            loop {
+                let (a, b) = (cur & 0xFFFF_FFFF, cur >> 32);
+                if a >= b {
+                    return None;
+                }
+                let (new, got) = if front {
+                    ((a + 1) | b << 32, a)
+                } else {
+                    (a | (b - 1) << 32, b - 1)
+                };
+                match s.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
+                    Ok(_) => return Some(got as usize),
+                    Err(now) => cur = now,
+                }
+            }
+        };
+        let idx = take(t, true)
+            .or_else(|| (1..self.threads).find_map(|d| take((t + d) % self.threads, false)))?;
+        if self.paired {
+            let j = idx * PANEL_COLS;
+            let nr = (self.ns[0] - j).min(PANEL_COLS);
+            *held = Some(Pan { part: 1, j, nr });
+            return Some(Pan { part: 0, j, nr });
+        }
+        // Panel `idx` among all projections' panels, in order.
+        let mut first = 0;
+        for (part, &c) in self.counts.iter().enumerate() {
+            if idx < first + c {
+                let j = (idx - first) * PANEL_COLS;
+                return Some(Pan {
+                    part,
+                    j,
+                    nr: (self.ns[part] - j).min(PANEL_COLS),
+                });
+            }
+            first += c;
+        }
+        unreachable!("panel {idx} beyond the call's panels")
+    }
+}
+
+/// How stored outputs are rounded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreRound {
+    /// Kept f32.
+    None,
+    /// To f16, in registers.
+    F16,
+    /// To the weights' dtype, per stored row slice.
+    Elem(super::SimdLevel),
 }
 
 /// Splits units `units` of a chunk (unit `u` = 32 inputs, block `u % len`, of row `u / len`)
@@ -290,7 +461,7 @@ unsafe fn split_units<T: Elem>(
     if units.is_empty() {
         return;
     }
-    debug_assert!(units.end <= it.nr * it.len && buf.len() >= CHUNK_LINES);
+    debug_assert!(units.end <= it.pan.nr * it.len && buf.len() >= CHUNK_LINES);
     // Only the k tail's block is partial.
     let full = block_masks(TK);
     let tail = block_masks(k - (k.div_ceil(TK) - 1) * TK);
@@ -300,7 +471,7 @@ unsafe fn split_units<T: Elem>(
     let (mut dj, mut b) = (units.start / it.len, units.start % it.len);
     let mut left = units.len();
     while left > 0 {
-        let row = (w.as_ptr() as *const i16).add((it.j + dj) * k + it.kb0 * TK);
+        let row = (w.as_ptr() as *const i16).add((it.pan.j + dj) * k + it.kb0 * TK);
         let end = (b + left).min(it.len);
         for b in b..end {
             let (ma, mb) = if last && b + 1 == it.len { tail } else { full };
@@ -328,29 +499,23 @@ unsafe fn split_units<T: Elem>(
 /// (4 KiB per tile and 32 inputs) stay in L2.
 const GROUP_TILES: usize = 8;
 
-/// Columns `cols` of all `m` rows: `out[r, j] = Σ x[r, k]·w[j, k] (+ bias[j])`, from `xt`
-/// (packed by [`pack_x`]), rounded to f16 on the way out when `round_f16` (other rounding is
-/// left to the caller).
+/// Every group of row tiles times the panels this thread takes from `panels`:
+/// `out[r, j] = Σ x[r, k]·w[j, k] (+ bias[j])` for each projection of `parts`, from `xt`
+/// (packed by [`pack_x`]), rounded as `round` says on the way out.
 ///
 /// # Safety
-/// [`available`] returned true, the caller owns columns `cols` of the m × n output, and `xt`
-/// holds `x` packed for these `m` and `k`.
-#[allow(clippy::too_many_arguments)]
+/// [`available`] returned true, `xt` holds `x` packed for these `m` and `k`, every projection's
+/// output has `m × n` values, and the threads sharing `panels` are the only writers of them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-pub(crate) unsafe fn matmul_cols<T: Elem>(
+pub(crate) unsafe fn matmul_panels<T: Elem>(
     xt: &[Tile],
     m: usize,
     k: usize,
-    w: &[T],
-    n: usize,
-    bias: Option<&[T]>,
-    out: SharedOut,
-    cols: std::ops::Range<usize>,
-    round_f16: bool,
+    parts: &[Part<'_, T>],
+    panels: &Panels,
+    t: usize,
+    round: StoreRound,
 ) {
-    if cols.is_empty() {
-        return;
-    }
     let kbs = k.div_ceil(TK);
     let mbs = m.div_ceil(TR);
     let two_pass = T::KIND == ElemKind::F16;
@@ -376,111 +541,152 @@ pub(crate) unsafe fn matmul_cols<T: Elem>(
     // Finished accumulators go out one row pair late, so reading them back does not wait on the
     // tile store just issued.
     let mut c = [[Tile::default(); 4]; 2];
-    let mut pending: Option<(usize, usize, bool, usize, usize)> = None;
+    let mut pending: Option<(usize, usize, bool, Pan)> = None;
     let mut slot = 0;
     // Work items: (group of row tiles, panel of 32 columns, chunk of inputs), chunks innermost.
     // While one item's tile products run, the next item's chunk is split a slice at a time
     // between them, so the tile unit and the vector units can work at once (measured: they
-    // overlap only in part; splitting costs about as much as the products at 64 rows).
-    let npanels = cols.len().div_ceil(PANEL_COLS);
-    let nchunks = kbs.div_ceil(CHUNK_KB);
-    let items = mbs.div_ceil(GROUP_TILES) * npanels * nchunks;
-    let item = |i: usize| {
-        let (g, p, q) = (i / (npanels * nchunks), i / nchunks % npanels, i % nchunks);
-        let j = cols.start + p * PANEL_COLS;
-        // The next panel's rows are one contiguous run of memory; each chunk of this panel
-        // asks for its share, so the split finds them in cache (decode reads every weight from
-        // memory once a step).
-        let next = (j + PANEL_COLS).min(cols.end)..(j + 2 * PANEL_COLS).min(cols.end);
-        let bytes = next.len() * k * std::mem::size_of::<T>();
-        let share = bytes.div_ceil(nchunks).next_multiple_of(64);
-        let base = next.start * k * std::mem::size_of::<T>();
-        Item {
-            j,
-            nr: (cols.end - j).min(PANEL_COLS),
-            kb0: q * CHUNK_KB,
-            len: (kbs - q * CHUNK_KB).min(CHUNK_KB),
-            tiles: g * GROUP_TILES..((g + 1) * GROUP_TILES).min(mbs),
-            ahead: base + (q * share).min(bytes)..base + ((q + 1) * share).min(bytes),
-        }
-    };
-    let mut cur = item(0);
-    split_units(w, k, &cur, 0..cur.nr * cur.len, &mut bufs[..CHUNK_LINES]);
-    for i in 0..items {
-        let next = (i + 1 < items).then(|| item(i + 1));
-        let next_units = next.as_ref().map_or(0, |it| it.nr * it.len);
-        let (a, rest) = bufs.split_at_mut(CHUNK_LINES);
-        let (b, saved) = rest.split_at_mut(CHUNK_LINES);
-        let (now, then) = if i % 2 == 0 { (a, b) } else { (b, a) };
-        let saved = saved.as_mut_ptr() as *mut Tile;
-        let steps = cur.tiles.len().div_ceil(2) * cur.len;
-        let per_step = next_units.div_ceil(steps);
-        let mut unit = 0;
-        let lines_per_step = cur.ahead.len().div_ceil(64 * steps);
-        let mut ahead = cur.ahead.start;
-        let wh = now.as_ptr() as *const u8;
-        let wl = now.as_ptr().add(PANEL_COLS * CHUNK_KB) as *const u8;
-        let (first, last) = (cur.kb0 == 0, cur.kb0 + cur.len == kbs);
-        let mut mb = cur.tiles.start;
-        while mb < cur.tiles.end {
-            let pair = mb + 1 < cur.tiles.end;
-            let s = saved.add((mb - cur.tiles.start) / 2 * 4) as *const u8;
-            if first {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
+    // overlap only in part; splitting costs about as much as the products at 64 rows). The
+    // panel after the current one is taken as the current one starts, so its weights can be
+    // prefetched meanwhile.
+    let mut parity = 0;
+    for g in 0..mbs.div_ceil(GROUP_TILES) {
+        let tiles = g * GROUP_TILES..((g + 1) * GROUP_TILES).min(mbs);
+        let mut held = None;
+        let Some(first_pan) = panels.claim(g, t, &mut held) else {
+            continue;
+        };
+        let mut upcoming = panels.claim(g, t, &mut held);
+        let mut cur = Item::new(parts, k, first_pan, 0, tiles.clone(), upcoming);
+        let buf = if parity == 0 {
+            &mut bufs[..CHUNK_LINES]
+        } else {
+            &mut bufs[CHUNK_LINES..2 * CHUNK_LINES]
+        };
+        split_units(parts[cur.pan.part].w, k, &cur, 0..cur.pan.nr * cur.len, buf);
+        loop {
+            let next = if cur.kb0 + cur.len < kbs {
+                Some(Item::new(
+                    parts,
+                    k,
+                    cur.pan,
+                    cur.kb0 / CHUNK_KB + 1,
+                    tiles.clone(),
+                    upcoming,
+                ))
+            } else if let Some(pan) = upcoming {
+                upcoming = panels.claim(g, t, &mut held);
+                Some(Item::new(parts, k, pan, 0, tiles.clone(), upcoming))
             } else {
-                asm!(
-                    "tileloadd tmm0, [{c} + {xs}*1]",
-                    "tileloadd tmm1, [{c} + {xs}*1 + 1024]",
-                    "tileloadd tmm2, [{c} + {xs}*1 + 2048]",
-                    "tileloadd tmm3, [{c} + {xs}*1 + 3072]",
-                    c = in(reg) s, xs = in(reg) xs,
-                    options(nostack, readonly)
-                );
-            }
-            for b in 0..cur.len {
-                let kb = cur.kb0 + b;
-                let w0h = wh.add(b * 64);
-                let w1h = w0h.add(TR * ws);
-                let w0l = wl.add(b * 64);
-                let w1l = w0l.add(TR * ws);
-                let x0 = xt.as_ptr().add((mb * kbs + kb) * 2) as *const u8;
-                let x0l = x0.add(std::mem::size_of::<Tile>());
-                // tmm0..3 = (weight tile 0/1) × (row tile 0/1); tmm4/5 weights, tmm6/7 rows.
-                if pair {
-                    let x1 = xt.as_ptr().add(((mb + 1) * kbs + kb) * 2) as *const u8;
-                    let x1l = x1.add(std::mem::size_of::<Tile>());
-                    if two_pass {
-                        // Wh·Xl, then Wh·Xh, then Wl·Xh: each operand tile loads once.
+                None
+            };
+            let next_units = next.as_ref().map_or(0, |it| it.pan.nr * it.len);
+            let (a, rest) = bufs.split_at_mut(CHUNK_LINES);
+            let (b, saved) = rest.split_at_mut(CHUNK_LINES);
+            let (now, then) = if parity == 0 { (a, b) } else { (b, a) };
+            let saved = saved.as_mut_ptr() as *mut Tile;
+            let steps = cur.tiles.len().div_ceil(2) * cur.len;
+            let per_step = next_units.div_ceil(steps);
+            let mut unit = 0;
+            let lines_per_step = cur.ahead.len().div_ceil(64 * steps);
+            let mut ahead = cur.ahead.start;
+            let wh = now.as_ptr() as *const u8;
+            let wl = now.as_ptr().add(PANEL_COLS * CHUNK_KB) as *const u8;
+            let (first, last) = (cur.kb0 == 0, cur.kb0 + cur.len == kbs);
+            let mut mb = cur.tiles.start;
+            while mb < cur.tiles.end {
+                let pair = mb + 1 < cur.tiles.end;
+                let s = saved.add((mb - cur.tiles.start) / 2 * 4) as *const u8;
+                if first {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                } else {
+                    asm!(
+                        "tileloadd tmm0, [{c} + {xs}*1]",
+                        "tileloadd tmm1, [{c} + {xs}*1 + 1024]",
+                        "tileloadd tmm2, [{c} + {xs}*1 + 2048]",
+                        "tileloadd tmm3, [{c} + {xs}*1 + 3072]",
+                        c = in(reg) s, xs = in(reg) xs,
+                        options(nostack, readonly)
+                    );
+                }
+                for b in 0..cur.len {
+                    let kb = cur.kb0 + b;
+                    let w0h = wh.add(b * 64);
+                    let w1h = w0h.add(TR * ws);
+                    let w0l = wl.add(b * 64);
+                    let w1l = w0l.add(TR * ws);
+                    let x0 = xt.as_ptr().add((mb * kbs + kb) * 2) as *const u8;
+                    let x0l = x0.add(std::mem::size_of::<Tile>());
+                    // tmm0..3 = (weight tile 0/1) × (row tile 0/1); tmm4/5 weights, tmm6/7 rows.
+                    if pair {
+                        let x1 = xt.as_ptr().add(((mb + 1) * kbs + kb) * 2) as *const u8;
+                        let x1l = x1.add(std::mem::size_of::<Tile>());
+                        if two_pass {
+                            // Wh·Xl, then Wh·Xh, then Wl·Xh: each operand tile loads once.
+                            asm!(
+                                "tileloadd tmm4, [{w0} + {ws}*1]",
+                                "tileloadd tmm5, [{w1} + {ws}*1]",
+                                "tileloadd tmm6, [{x0l} + {xs}*1]",
+                                "tileloadd tmm7, [{x1l} + {xs}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                "tileloadd tmm6, [{x0} + {xs}*1]",
+                                "tileloadd tmm7, [{x1} + {xs}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                "tileloadd tmm4, [{w0l} + {ws}*1]",
+                                "tileloadd tmm5, [{w1l} + {ws}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                w0 = in(reg) w0h, w1 = in(reg) w1h, w0l = in(reg) w0l,
+                                w1l = in(reg) w1l, x0 = in(reg) x0, x1 = in(reg) x1,
+                                x0l = in(reg) x0l, x1l = in(reg) x1l,
+                                ws = in(reg) ws, xs = in(reg) xs,
+                                options(nostack, readonly)
+                            );
+                        } else {
+                            asm!(
+                                "tileloadd tmm4, [{w0} + {ws}*1]",
+                                "tileloadd tmm5, [{w1} + {ws}*1]",
+                                "tileloadd tmm6, [{x0} + {xs}*1]",
+                                "tileloadd tmm7, [{x1} + {xs}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                w0 = in(reg) w0h, w1 = in(reg) w1h, x0 = in(reg) x0, x1 = in(reg) x1,
+                                ws = in(reg) ws, xs = in(reg) xs,
+                                options(nostack, readonly)
+                            );
+                        }
+                    } else if two_pass {
                         asm!(
                             "tileloadd tmm4, [{w0} + {ws}*1]",
                             "tileloadd tmm5, [{w1} + {ws}*1]",
                             "tileloadd tmm6, [{x0l} + {xs}*1]",
-                            "tileloadd tmm7, [{x1l} + {xs}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
                             "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
                             "tileloadd tmm6, [{x0} + {xs}*1]",
-                            "tileloadd tmm7, [{x1} + {xs}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
                             "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
                             "tileloadd tmm4, [{w0l} + {ws}*1]",
                             "tileloadd tmm5, [{w1l} + {ws}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
                             "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            w0 = in(reg) w0h, w1 = in(reg) w1h, w0l = in(reg) w0l,
-                            w1l = in(reg) w1l, x0 = in(reg) x0, x1 = in(reg) x1,
-                            x0l = in(reg) x0l, x1l = in(reg) x1l,
+                            w0 = in(reg) w0h, w1 = in(reg) w1h, w0l = in(reg) w0l, w1l = in(reg) w1l,
+                            x0 = in(reg) x0, x0l = in(reg) x0l,
                             ws = in(reg) ws, xs = in(reg) xs,
                             options(nostack, readonly)
                         );
@@ -489,117 +695,84 @@ pub(crate) unsafe fn matmul_cols<T: Elem>(
                             "tileloadd tmm4, [{w0} + {ws}*1]",
                             "tileloadd tmm5, [{w1} + {ws}*1]",
                             "tileloadd tmm6, [{x0} + {xs}*1]",
-                            "tileloadd tmm7, [{x1} + {xs}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
                             "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            w0 = in(reg) w0h, w1 = in(reg) w1h, x0 = in(reg) x0, x1 = in(reg) x1,
+                            w0 = in(reg) w0h, w1 = in(reg) w1h, x0 = in(reg) x0,
                             ws = in(reg) ws, xs = in(reg) xs,
                             options(nostack, readonly)
                         );
                     }
-                } else if two_pass {
-                    asm!(
-                        "tileloadd tmm4, [{w0} + {ws}*1]",
-                        "tileloadd tmm5, [{w1} + {ws}*1]",
-                        "tileloadd tmm6, [{x0l} + {xs}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tileloadd tmm6, [{x0} + {xs}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tileloadd tmm4, [{w0l} + {ws}*1]",
-                        "tileloadd tmm5, [{w1l} + {ws}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        w0 = in(reg) w0h, w1 = in(reg) w1h, w0l = in(reg) w0l, w1l = in(reg) w1l,
-                        x0 = in(reg) x0, x0l = in(reg) x0l,
-                        ws = in(reg) ws, xs = in(reg) xs,
-                        options(nostack, readonly)
-                    );
-                } else {
-                    asm!(
-                        "tileloadd tmm4, [{w0} + {ws}*1]",
-                        "tileloadd tmm5, [{w1} + {ws}*1]",
-                        "tileloadd tmm6, [{x0} + {xs}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        w0 = in(reg) w0h, w1 = in(reg) w1h, x0 = in(reg) x0,
-                        ws = in(reg) ws, xs = in(reg) xs,
-                        options(nostack, readonly)
-                    );
-                }
-                for _ in 0..lines_per_step {
-                    if ahead < cur.ahead.end {
-                        let p = (w.as_ptr() as *const i8).add(ahead);
-                        _mm_prefetch::<_MM_HINT_T1>(p);
-                        ahead += 64;
+                    for _ in 0..lines_per_step {
+                        if ahead < cur.ahead.end {
+                            let p = ahead as *const i8;
+                            _mm_prefetch::<_MM_HINT_T1>(p);
+                            ahead += 64;
+                        }
+                    }
+                    if let Some(nx) = &next {
+                        let u1 = (unit + per_step).min(next_units);
+                        split_units(parts[nx.pan.part].w, k, nx, unit..u1, then);
+                        unit = u1;
                     }
                 }
-                if let Some(nx) = &next {
-                    let u1 = (unit + per_step).min(next_units);
-                    split_units(w, k, nx, unit..u1, then);
-                    unit = u1;
+                if last {
+                    asm!(
+                        "tilestored [{c} + {xs}*1], tmm0",
+                        "tilestored [{c} + {xs}*1 + 1024], tmm1",
+                        "tilestored [{c} + {xs}*1 + 2048], tmm2",
+                        "tilestored [{c} + {xs}*1 + 3072], tmm3",
+                        c = in(reg) c[slot].as_mut_ptr(), xs = in(reg) xs,
+                        options(nostack)
+                    );
+                    if let Some((s, mb, pair, pan)) = pending {
+                        store_tiles(&c[s], m, mb, pair, pan, parts, round);
+                    }
+                    pending = Some((slot, mb, pair, cur.pan));
+                    slot ^= 1;
+                } else {
+                    // Accumulators wait in memory for the next chunk (exact: f32 in, f32 out).
+                    asm!(
+                        "tilestored [{c} + {xs}*1], tmm0",
+                        "tilestored [{c} + {xs}*1 + 1024], tmm1",
+                        "tilestored [{c} + {xs}*1 + 2048], tmm2",
+                        "tilestored [{c} + {xs}*1 + 3072], tmm3",
+                        c = in(reg) s, xs = in(reg) xs,
+                        options(nostack)
+                    );
                 }
+                mb += 1 + pair as usize;
             }
-            if last {
-                asm!(
-                    "tilestored [{c} + {xs}*1], tmm0",
-                    "tilestored [{c} + {xs}*1 + 1024], tmm1",
-                    "tilestored [{c} + {xs}*1 + 2048], tmm2",
-                    "tilestored [{c} + {xs}*1 + 3072], tmm3",
-                    c = in(reg) c[slot].as_mut_ptr(), xs = in(reg) xs,
-                    options(nostack)
-                );
-                if let Some((s, mb, pair, j, nr)) = pending {
-                    store_tiles(&c[s], m, n, mb, pair, j, nr, bias, round_f16, out);
-                }
-                pending = Some((slot, mb, pair, cur.j, cur.nr));
-                slot ^= 1;
-            } else {
-                // Accumulators wait in memory for the next chunk (exact: f32 in, f32 out).
-                asm!(
-                    "tilestored [{c} + {xs}*1], tmm0",
-                    "tilestored [{c} + {xs}*1 + 1024], tmm1",
-                    "tilestored [{c} + {xs}*1 + 2048], tmm2",
-                    "tilestored [{c} + {xs}*1 + 3072], tmm3",
-                    c = in(reg) s, xs = in(reg) xs,
-                    options(nostack)
-                );
-            }
-            mb += 1 + pair as usize;
-        }
-        if let Some(nx) = next {
-            split_units(w, k, &nx, unit..next_units, then);
+            let Some(nx) = next else { break };
+            split_units(parts[nx.pan.part].w, k, &nx, unit..next_units, then);
             cur = nx;
+            parity ^= 1;
         }
     }
     asm!("tilerelease", options(nostack, nomem));
-    if let Some((s, mb, pair, j, nr)) = pending {
-        store_tiles(&c[s], m, n, mb, pair, j, nr, bias, round_f16, out);
+    if let Some((s, mb, pair, pan)) = pending {
+        store_tiles(&c[s], m, mb, pair, pan, parts, round);
     }
     PANEL.with(|p| *p.borrow_mut() = bufs);
 }
 
-/// Writes the accumulator tiles of row tiles `mb` (and `mb + 1` when `pair`) and columns
-/// `j..j + nr` to the output, adding the bias and rounding to f16 when `round_f16`. Tile (weight
-/// tile a, row tile b) is `c[2a + b]`, laid out [column][row].
-#[allow(clippy::too_many_arguments)]
+/// Writes the accumulator tiles of row tiles `mb` (and `mb + 1` when `pair`) and panel `pan`
+/// to its projection's output, adding the bias and rounding as `round` says. Tile (weight tile
+/// a, row tile b) is `c[2a + b]`, laid out [column][row].
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn store_tiles<T: Elem>(
     c: &[Tile; 4],
     m: usize,
-    n: usize,
     mb: usize,
     pair: bool,
-    j: usize,
-    nr: usize,
-    bias: Option<&[T]>,
-    round_f16: bool,
-    out: SharedOut,
+    pan: Pan,
+    parts: &[Part<'_, T>],
+    round: StoreRound,
 ) {
+    let Part {
+        n, bias, out, gate, ..
+    } = parts[pan.part];
+    let (j, nr) = (pan.j, pan.nr);
     for a in 0..2 {
         let j0 = j + a * TR;
         if j0 >= j + nr {
@@ -626,11 +799,25 @@ unsafe fn store_tiles<T: Elem>(
             let r0 = (mb + b) * TR;
             for (i, r) in rows.iter().enumerate().take(m.saturating_sub(r0).min(TR)) {
                 let mut v = _mm512_add_ps(_mm512_castsi512_ps(*r), bv);
-                if round_f16 {
+                if round == StoreRound::F16 {
                     // Round to nearest even, as every other f16 rounding in the crate.
                     v = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
                 }
-                _mm512_mask_storeu_ps(out.get().add((r0 + i) * n + j0), cmask, v);
+                let dst = out.get().add((r0 + i) * n + j0);
+                _mm512_mask_storeu_ps(dst, cmask, v);
+                if let StoreRound::Elem(level) = round {
+                    let row = std::slice::from_raw_parts_mut(dst, ncols);
+                    super::round::round_in_place::<T>(level, row);
+                }
+                if let Some(g) = gate {
+                    // The gate's tiles of these rows went out before this panel's first store.
+                    let at = (r0 + i) * n + j0;
+                    super::act::silu_gate_range::<T>(
+                        super::SimdLevel::Avx512,
+                        std::slice::from_raw_parts_mut(g.get().add(at), ncols),
+                        std::slice::from_raw_parts(dst, ncols),
+                    );
+                }
             }
         }
     }
@@ -639,6 +826,42 @@ unsafe fn store_tiles<T: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_panel_is_taken_once_and_idle_shares_are_taken_by_the_others() {
+        let ns = [100, 37, 64, 1];
+        let want: Vec<Pan> = [(0, 0, 32), (0, 32, 32), (0, 64, 32), (0, 96, 4), (1, 0, 32)]
+            .into_iter()
+            .chain([(1, 32, 5), (2, 0, 32), (2, 32, 32), (3, 0, 1)])
+            .map(|(part, j, nr)| Pan { part, j, nr })
+            .collect();
+        // 300 rows: three groups of up to 8 row tiles.
+        let panels = Panels::new(&ns, 300, 3, false);
+        // Threads 0 and 1 run to the end; thread 2 comes too late for any of its share.
+        let taken: Vec<Vec<Vec<Pan>>> = std::thread::scope(|s| {
+            let run = |t| {
+                let panels = &panels;
+                s.spawn(move || {
+                    (0..3)
+                        .map(|g| {
+                            let mut held = None;
+                            std::iter::from_fn(|| panels.claim(g, t, &mut held)).collect()
+                        })
+                        .collect()
+                })
+            };
+            let (a, b) = (run(0), run(1));
+            vec![a.join().unwrap(), b.join().unwrap()]
+        });
+        for g in 0..3 {
+            assert_eq!(panels.claim(g, 2, &mut None), None, "group {g}");
+            let mut got: Vec<Pan> = taken.iter().flat_map(|t| t[g].clone()).collect();
+            got.sort_by_key(|p| (p.part, p.j));
+            assert_eq!(got, want, "group {g}");
+        }
+        // Thread 0 starts at the front of its own share, in order.
+        assert_eq!(taken[0][0][..3], want[..3]);
+    }
 
     #[test]
     fn transpose16_transposes() {

@@ -73,6 +73,54 @@ pub fn matmul_many<T: Elem>(
     projs: &mut [Proj<'_, T>],
     mode: Output,
 ) {
+    projections(kern, x, m, k, projs, mode, false);
+}
+
+/// The gate and up projections of a gated MLP, then `g = round(round(silu(g)) · u)` (as
+/// PyTorch computes `act(gate) * up` in the run dtype); `u` keeps the up projection.
+/// Bitwise [`matmul_many`] then [`silu_gate`](super::act::silu_gate). The AMX path gates each
+/// tile of outputs as it is stored, on the thread that computed it.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_gate_up<T: Elem>(
+    kern: &Kernels,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    (wg, wu): (&[T], &[T]),
+    n: usize,
+    g: &mut [f32],
+    u: &mut [f32],
+) {
+    let mut projs = [
+        Proj {
+            w: wg,
+            n,
+            bias: None,
+            out: g,
+        },
+        Proj {
+            w: wu,
+            n,
+            bias: None,
+            out: u,
+        },
+    ];
+    if !projections(kern, x, m, k, &mut projs, Output::Round, true) {
+        super::act::silu_gate::<T>(kern, g, u);
+    }
+}
+
+/// [`matmul_many`]; with `gated` (a gate/up pair), also gates the outputs where the path can
+/// do it as it stores them, and says whether it did.
+fn projections<T: Elem>(
+    kern: &Kernels,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    projs: &mut [Proj<'_, T>],
+    mode: Output,
+    gated: bool,
+) -> bool {
     assert_eq!(
         x.len(),
         m * k,
@@ -104,7 +152,7 @@ pub fn matmul_many<T: Elem>(
     }
     let total: usize = projs.iter().map(|p| p.n).sum();
     if m == 0 || total == 0 {
-        return;
+        return false;
     }
     // Each projection with the position of its columns among all the call's outputs.
     let parts: Vec<Part<'_, T>> = projs
@@ -143,17 +191,11 @@ pub fn matmul_many<T: Elem>(
     // Memory-bound calls (few rows): threads take ranges of columns from a shared counter
     // until none are left, each half of an even share of what is left (never under
     // MIN_CHUNK_COLS), so a thread slowed by its neighbour or by memory does not keep the other
-    // waiting long at the end. Compute-bound calls split evenly: each thread then streams one
-    // contiguous range of weights (measured: chunking cost them 3–5%).
+    // waiting long at the end. Compute-bound calls on the packed path split evenly: each thread
+    // then streams one contiguous range of weights (measured: chunking cost them 3–5%). The
+    // AMX path hands out panels itself (see `amx::Panels`).
     let even = if threads == 1 {
         Some(total)
-    } else if amx {
-        // Measured: even shares beat guided chunks (each chunk restarts the split pipeline).
-        Some(
-            total
-                .div_ceil(threads)
-                .next_multiple_of(super::amx::PANEL_COLS),
-        )
     } else if packed {
         Some(total.div_ceil(threads).div_ceil(NR_PACKED) * NR_PACKED)
     } else {
@@ -209,32 +251,34 @@ pub fn matmul_many<T: Elem>(
             };
             run_on(kern, threads, &pack);
             let xt = &xt[..len];
-            // f16 rounding happens as the tiles are stored, not in a second pass.
-            let in_store = mode == Output::Round && T::KIND == crate::dtype::ElemKind::F16;
-            let job = |_: usize| {
-                pieces(&mut |p, cols| {
-                    // SAFETY: each thread writes only its columns of every row.
-                    unsafe {
-                        super::amx::matmul_cols(
-                            xt,
-                            m,
-                            k,
-                            p.w,
-                            p.n,
-                            p.bias,
-                            p.out,
-                            cols.clone(),
-                            in_store,
-                        );
-                        if !in_store {
-                            round_cols::<T>(level, mode, p.out.get(), m, p.n, cols);
-                        }
-                    }
-                });
+            // Outputs are rounded as the tiles are stored, not in a second pass.
+            let round = match (mode, T::KIND) {
+                (Output::F32, _) => super::amx::StoreRound::None,
+                (Output::Round, crate::dtype::ElemKind::F16) => super::amx::StoreRound::F16,
+                (Output::Round, _) => super::amx::StoreRound::Elem(level),
+            };
+            let amx_parts: Vec<super::amx::Part<'_, T>> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| super::amx::Part {
+                    w: p.w,
+                    n: p.n,
+                    bias: p.bias,
+                    out: p.out,
+                    gate: (gated && i == 1).then_some(parts[0].out),
+                })
+                .collect();
+            let ns: Vec<usize> = parts.iter().map(|p| p.n).collect();
+            let panels = super::amx::Panels::new(&ns, m, threads, gated);
+            let job = |t: usize| {
+                // SAFETY: threads write only the panels they take from `panels`.
+                unsafe {
+                    super::amx::matmul_panels(xt, m, k, &amx_parts, &panels, t, round);
+                }
             };
             run_on(kern, threads, &job);
         });
-        return;
+        return gated;
     }
     #[cfg(target_arch = "x86_64")]
     if packed {
@@ -255,7 +299,7 @@ pub fn matmul_many<T: Elem>(
             };
             run_on(kern, threads, &job);
         });
-        return;
+        return false;
     }
     let job = |_: usize| {
         pieces(&mut |p, cols| {
@@ -264,6 +308,7 @@ pub fn matmul_many<T: Elem>(
         });
     };
     run_on(kern, threads, &job);
+    false
 }
 
 /// Runs `job` on the calling thread alone when `threads` is 1, else on every pool thread.

@@ -134,6 +134,17 @@ pub fn sample(logits: &[f32], cx: &SampleContext<'_>, rng: &mut SeqRng) -> Sampl
         p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
     let masked = cx.output.len() < p.min_tokens;
     let inv_t = (!p.greedy()).then(|| 1.0 / p.temperature);
+    let processed_wanted = cx.mode == LogprobsMode::Processed && p.logprobs.is_some();
+    // The common case of a draw: the whole vocabulary at a temperature, nothing to renormalise.
+    if let Some(s) = inv_t {
+        if !penalised && !masked && keeps_all(p) && !processed_wanted {
+            let token = draw_scaled(logits, s, rng.uniform());
+            return Sampled {
+                token,
+                logprob: p.logprobs.map(|k| raw_logprob(logits, token, k)),
+            };
+        }
+    }
     // Penalties apply before the temperature; without them the copy and the scaling are one
     // pass, and greedy decoding of unmodified logits (the common case) reads them in place.
     let mut l = if penalised {
@@ -176,13 +187,54 @@ pub fn sample(logits: &[f32], cx: &SampleContext<'_>, rng: &mut SeqRng) -> Sampl
     };
     let logprob = p.logprobs.map(|k| match processed {
         Some(lp) => token_logprob(&lp, token, k),
-        None => {
-            let mut lp = vec![0f32; logits.len()];
-            log_softmax(logits, &mut lp);
-            token_logprob(&lp, token, k)
-        }
+        None => raw_logprob(logits, token, k),
     });
     Sampled { token, logprob }
+}
+
+/// The log-probability of `token` (and the `k` most likely) under the unmodified logits.
+fn raw_logprob(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let mut lp = vec![0f32; logits.len()];
+    log_softmax(logits, &mut lp);
+    token_logprob(&lp, token, k)
+}
+
+/// Whether top-k, top-p and min-p all keep every token.
+fn keeps_all(p: &SamplingParams) -> bool {
+    p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0
+}
+
+/// [`draw`] from the whole vocabulary of `logits · s`, bit for bit, without storing the scaled
+/// logits or their exponentials: one pass finds the maximum, one sums each block's
+/// exponentials, and only the blocks the walk reaches are computed again.
+fn draw_scaled(logits: &[f32], s: f32, u: f64) -> u32 {
+    let m = max_scaled(logits, s);
+    let mut scaled = [0f32; DRAW_BLOCK];
+    let mut block = |b: usize, out: &mut [f32]| {
+        let src = &logits[b * DRAW_BLOCK..(b * DRAW_BLOCK + out.len())];
+        let sc = &mut scaled[..out.len()];
+        for (d, &v) in sc.iter_mut().zip(src) {
+            *d = v * s;
+        }
+        exp_shifted(sc, m, out);
+    };
+    pick_blocks(logits.len(), &mut block, u).unwrap_or(0) as u32
+}
+
+/// [`max_of`] of `v · s`.
+fn max_scaled(v: &[f32], s: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = m.max(x * s);
+        }
+    }
+    tail.iter()
+        .map(|&x| x * s)
+        .chain(lanes)
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// Index of the largest value (the lowest such index on ties).
@@ -299,9 +351,10 @@ fn draw(l: &[f32], kept: &Option<Vec<u32>>, u: f64) -> u32 {
             (w, Box::new(|i| i as u32))
         }
     };
-    // Rounding can leave the target at the very end: then the last token with weight.
-    pick(&w, u)
-        .or_else(|| w.iter().rposition(|&wi| wi > 0.0))
+    let mut block = |b: usize, out: &mut [f32]| {
+        out.copy_from_slice(&w[b * DRAW_BLOCK..b * DRAW_BLOCK + out.len()]);
+    };
+    pick_blocks(w.len(), &mut block, u)
         .map(&id)
         .unwrap_or_else(|| id(0))
 }
@@ -309,28 +362,58 @@ fn draw(l: &[f32], kept: &Option<Vec<u32>>, u: f64) -> u32 {
 /// Positions summed per block when drawing from a whole vocabulary.
 const DRAW_BLOCK: usize = 1024;
 
-/// The first `i` with `w[i] > 0` at which the running sum of `w` passes `u · Σw`, if rounding
-/// lets it: whole blocks are skipped by their sums, and only the block holding the target is
-/// walked one weight at a time.
-fn pick(w: &[f32], u: f64) -> Option<usize> {
-    let sums: Vec<f64> = w.chunks(DRAW_BLOCK).map(sum_f64).collect();
+/// The first `i` with `w[i] > 0` at which the running sum of the `n` weights passes `u · Σw`,
+/// where `block(b, out)` writes weights `b·DRAW_BLOCK..` (a whole block, fewer at the end).
+/// Whole blocks are skipped by their sums, and only the block holding the target is walked one
+/// weight at a time. Rounding can leave the target past the end: then the last weight above
+/// zero; `None` when there is none.
+fn pick_blocks(n: usize, block: &mut dyn FnMut(usize, &mut [f32]), u: f64) -> Option<usize> {
+    let blocks = n.div_ceil(DRAW_BLOCK);
+    let len = |b: usize| (n - b * DRAW_BLOCK).min(DRAW_BLOCK);
+    let mut buf = [0f32; DRAW_BLOCK];
+    let sums: Vec<f64> = (0..blocks)
+        .map(|b| {
+            let w = &mut buf[..len(b)];
+            block(b, w);
+            sum_f64(w)
+        })
+        .collect();
     let target = u * sums.iter().sum::<f64>();
     let mut cum = 0f64;
+    let mut walking = false;
     for (b, &s) in sums.iter().enumerate() {
-        if cum + s > target {
-            // The walk may run past this block when its running sum rounds below `cum + s`.
-            let start = b * DRAW_BLOCK;
-            for (i, &wi) in w[start..].iter().enumerate() {
+        // Once walking, the walk runs on past its block while its running sum rounds below
+        // `cum + s`.
+        if walking || cum + s > target {
+            walking = true;
+            let w = &mut buf[..len(b)];
+            block(b, w);
+            for (i, &wi) in w.iter().enumerate() {
                 cum += wi as f64;
                 if cum > target && wi > 0.0 {
-                    return Some(start + i);
+                    return Some(b * DRAW_BLOCK + i);
                 }
             }
-            return None;
+        } else {
+            cum += s;
         }
-        cum += s;
     }
-    None
+    (0..blocks).rev().find_map(|b| {
+        let w = &mut buf[..len(b)];
+        block(b, w);
+        w.iter()
+            .rposition(|&wi| wi > 0.0)
+            .map(|i| b * DRAW_BLOCK + i)
+    })
+}
+
+/// [`pick_blocks`] over weights held in memory.
+#[cfg(test)]
+fn pick(w: &[f32], u: f64) -> Option<usize> {
+    let mut block = |b: usize, out: &mut [f32]| {
+        out.copy_from_slice(&w[b * DRAW_BLOCK..b * DRAW_BLOCK + out.len()]);
+    };
+    pick_blocks(w.len(), &mut block, u)
 }
 
 /// The largest value, ignoring NaN as `f32::max` does; −inf for none.
@@ -489,6 +572,30 @@ mod tests {
                 "chi2 {chi2} df {} for {t} {k} {tp} {mp}: {counts:?}",
                 df - 1
             );
+        }
+    }
+
+    #[test]
+    fn streamed_draw_is_the_draw_over_stored_scaled_logits() {
+        // Vocabulary sizes around whole blocks, logits spread so that most weights underflow
+        // and the draw lands anywhere.
+        let mut rng = SeqRng::new(7, 0);
+        for n in [1, 37, DRAW_BLOCK, 3 * DRAW_BLOCK + 1, 49_152] {
+            let logits: Vec<f32> = (0..n)
+                .map(|_| (rng.uniform() as f32 - 0.5) * 40.0)
+                .collect();
+            for s in [1.0f32, 1.25, 0.3] {
+                let scaled: Vec<f32> = logits.iter().map(|&v| v * s).collect();
+                assert_eq!(max_scaled(&logits, s).to_bits(), max_of(&scaled).to_bits());
+                for k in 0..200 {
+                    let u = (k as f64 + 0.5) / 200.0;
+                    assert_eq!(
+                        draw_scaled(&logits, s, u),
+                        draw(&scaled, &None, u),
+                        "n {n} s {s} u {u}"
+                    );
+                }
+            }
         }
     }
 

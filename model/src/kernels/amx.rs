@@ -348,8 +348,13 @@ pub(crate) struct Panels {
     paired: bool,
     threads: usize,
     /// Per group, per thread: the share's next (low 32 bits) and end (high 32 bits) panel.
-    shares: Vec<std::sync::atomic::AtomicU64>,
+    shares: Vec<Share>,
 }
+
+/// One thread's share of a group's panels, on a cache line of its own: its owner updates it at
+/// every panel, and sharing a line with another thread's share would bounce it between cores.
+#[repr(align(64))]
+struct Share(std::sync::atomic::AtomicU64);
 
 impl Panels {
     /// Panels of projections with `ns` output columns each, for `m` rows and `threads`;
@@ -371,7 +376,9 @@ impl Panels {
             .flat_map(|_| {
                 (0..threads).map(move |t| {
                     let (a, b) = (total * t / threads, total * (t + 1) / threads);
-                    std::sync::atomic::AtomicU64::new(a as u64 | (b as u64) << 32)
+                    Share(std::sync::atomic::AtomicU64::new(
+                        a as u64 | (b as u64) << 32,
+                    ))
                 })
             })
             .collect();
@@ -392,7 +399,7 @@ impl Panels {
             return Some(up);
         }
         let take = |u: usize, front: bool| {
-            let s = &self.shares[g * self.threads + u];
+            let s = &self.shares[g * self.threads + u].0;
             let mut cur = s.load(Relaxed);
             loop {
                 let (a, b) = (cur & 0xFFFF_FFFF, cur >> 32);

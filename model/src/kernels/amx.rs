@@ -635,25 +635,29 @@ pub(crate) unsafe fn matmul_panels<T: Elem>(
                         let x1 = xt.as_ptr().add(((mb + 1) * kbs + kb) * 2) as *const u8;
                         let x1l = x1.add(std::mem::size_of::<Tile>());
                         if two_pass {
-                            // Wh·Xl, then Wh·Xh, then Wl·Xh: each operand tile loads once.
+                            // Wh·Xl, then Wh·Xh, then Wl·Xh: each operand tile loads once, and
+                            // just before its first use, so that it waits only on the product
+                            // that last read its register while the others run (tile registers
+                            // are not renamed). Measured at 64 rows: 3–10% faster than loading
+                            // each pass's operands together.
                             asm!(
                                 "tileloadd tmm4, [{w0} + {ws}*1]",
-                                "tileloadd tmm5, [{w1} + {ws}*1]",
                                 "tileloadd tmm6, [{x0l} + {xs}*1]",
-                                "tileloadd tmm7, [{x1l} + {xs}*1]",
                                 "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{x1l} + {xs}*1]",
                                 "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{w1} + {ws}*1]",
                                 "tdpbf16ps tmm2, tmm5, tmm6",
                                 "tdpbf16ps tmm3, tmm5, tmm7",
                                 "tileloadd tmm6, [{x0} + {xs}*1]",
-                                "tileloadd tmm7, [{x1} + {xs}*1]",
                                 "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{x1} + {xs}*1]",
                                 "tdpbf16ps tmm1, tmm4, tmm7",
                                 "tdpbf16ps tmm2, tmm5, tmm6",
                                 "tdpbf16ps tmm3, tmm5, tmm7",
                                 "tileloadd tmm4, [{w0l} + {ws}*1]",
-                                "tileloadd tmm5, [{w1l} + {ws}*1]",
                                 "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm5, [{w1l} + {ws}*1]",
                                 "tdpbf16ps tmm1, tmm4, tmm7",
                                 "tdpbf16ps tmm2, tmm5, tmm6",
                                 "tdpbf16ps tmm3, tmm5, tmm7",
@@ -666,11 +670,11 @@ pub(crate) unsafe fn matmul_panels<T: Elem>(
                         } else {
                             asm!(
                                 "tileloadd tmm4, [{w0} + {ws}*1]",
-                                "tileloadd tmm5, [{w1} + {ws}*1]",
                                 "tileloadd tmm6, [{x0} + {xs}*1]",
-                                "tileloadd tmm7, [{x1} + {xs}*1]",
                                 "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{x1} + {xs}*1]",
                                 "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{w1} + {ws}*1]",
                                 "tdpbf16ps tmm2, tmm5, tmm6",
                                 "tdpbf16ps tmm3, tmm5, tmm7",
                                 w0 = in(reg) w0h, w1 = in(reg) w1h, x0 = in(reg) x0, x1 = in(reg) x1,

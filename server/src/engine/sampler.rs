@@ -221,8 +221,9 @@ fn draw_scaled(logits: &[f32], s: f32, u: f64) -> u32 {
     pick_blocks(logits.len(), &mut block, u).unwrap_or(0) as u32
 }
 
-/// [`max_of`] of `v · s`.
+/// The largest of `v · s`, ignoring NaN as `f32::max` does; −inf for none.
 fn max_scaled(v: &[f32], s: f32) -> f32 {
+    // Sixteen independent maxima: one chain of dependent compares was most of a draw's time.
     let mut lanes = [f32::NEG_INFINITY; 16];
     let chunks = v.chunks_exact(16);
     let tail = chunks.remainder();
@@ -418,19 +419,8 @@ fn pick(w: &[f32], u: f64) -> Option<usize> {
 
 /// The largest value, ignoring NaN as `f32::max` does; −inf for none.
 fn max_of(v: &[f32]) -> f32 {
-    // Sixteen independent maxima: one chain of dependent compares was most of a draw's time.
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let chunks = v.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = m.max(x);
-        }
-    }
-    tail.iter()
-        .chain(&lanes)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max)
+    // x · 1 is x, bit for bit.
+    max_scaled(v, 1.0)
 }
 
 /// Σ v in f64, eight positions at a time (a fixed order, so the same bits every call).

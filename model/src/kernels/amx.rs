@@ -262,8 +262,8 @@ const CHUNK_KB: usize = 4;
 /// Lines of one chunk buffer: `hi` rows 0..32 then `lo` rows 32..64, `CHUNK_KB` lines each.
 const CHUNK_LINES: usize = 2 * PANEL_COLS * CHUNK_KB;
 
-/// One weight chunk of a thread's columns: weight rows `j..j + nr` of projection `part`,
-/// inputs `32·kb0..32·(kb0 + len)`, for row tiles `tiles`.
+/// One weight chunk of a thread's panel: the panel's weight rows, inputs
+/// `32·kb0..32·(kb0 + len)`, for row tiles `tiles`.
 #[derive(Clone)]
 struct Item {
     pan: Pan,
@@ -508,7 +508,8 @@ const GROUP_TILES: usize = 8;
 
 /// Every group of row tiles times the panels this thread takes from `panels`:
 /// `out[r, j] = Σ x[r, k]·w[j, k] (+ bias[j])` for each projection of `parts`, from `xt`
-/// (packed by [`pack_x`]), rounded as `round` says on the way out.
+/// (packed by [`pack_x`]), rounded as `round` says on the way out; the up projection of a
+/// gate/up pair also gates the gate's outputs (see [`Part::gate`]).
 ///
 /// # Safety
 /// [`available`] returned true, `xt` holds `x` packed for these `m` and `k`, every projection's

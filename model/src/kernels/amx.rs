@@ -341,8 +341,6 @@ struct Pan {
 pub(crate) struct Panels {
     /// Output columns of each projection, in order.
     ns: Vec<usize>,
-    /// Panels of each projection.
-    counts: Vec<usize>,
     /// Gate/up pairs: a thread takes panel `i` of both projections, gate first, so it can gate
     /// the outputs as the up tiles are stored.
     paired: bool,
@@ -359,17 +357,23 @@ struct Share(std::sync::atomic::AtomicU64);
 impl Panels {
     /// Panels of projections with `ns` output columns each, for `m` rows and `threads`;
     /// `paired` for a gate/up pair (two projections of equal width).
-    pub(crate) fn new(ns: &[usize], m: usize, threads: usize, paired: bool) -> Panels {
+    pub(crate) fn new(
+        ns: impl IntoIterator<Item = usize>,
+        m: usize,
+        threads: usize,
+        paired: bool,
+    ) -> Panels {
+        let ns: Vec<usize> = ns.into_iter().collect();
         assert!(
             !paired || (ns.len() == 2 && ns[0] == ns[1]),
             "gate/up widths {ns:?}"
         );
         let groups = m.div_ceil(TR).div_ceil(GROUP_TILES);
-        let counts: Vec<usize> = ns.iter().map(|n| n.div_ceil(PANEL_COLS)).collect();
+        let panels = |n: &usize| n.div_ceil(PANEL_COLS);
         let total: usize = if paired {
-            counts[0]
+            panels(&ns[0])
         } else {
-            counts.iter().sum()
+            ns.iter().map(panels).sum()
         };
         assert!(total < 1 << 32, "too many panels");
         let shares = (0..groups)
@@ -383,8 +387,7 @@ impl Panels {
             })
             .collect();
         Panels {
-            ns: ns.to_vec(),
-            counts,
+            ns,
             paired,
             threads,
             shares,
@@ -427,13 +430,14 @@ impl Panels {
         }
         // Panel `idx` among all projections' panels, in order.
         let mut first = 0;
-        for (part, &c) in self.counts.iter().enumerate() {
+        for (part, &n) in self.ns.iter().enumerate() {
+            let c = n.div_ceil(PANEL_COLS);
             if idx < first + c {
                 let j = (idx - first) * PANEL_COLS;
                 return Some(Pan {
                     part,
                     j,
-                    nr: (self.ns[part] - j).min(PANEL_COLS),
+                    nr: (n - j).min(PANEL_COLS),
                 });
             }
             first += c;
@@ -848,7 +852,7 @@ mod tests {
             .map(|(part, j, nr)| Pan { part, j, nr })
             .collect();
         // 300 rows: three groups of up to 8 row tiles.
-        let panels = Panels::new(&ns, 300, 3, false);
+        let panels = Panels::new(ns, 300, 3, false);
         // Threads 0 and 1 run to the end; thread 2 comes too late for any of its share.
         let taken: Vec<Vec<Vec<Pan>>> = std::thread::scope(|s| {
             let run = |t| {

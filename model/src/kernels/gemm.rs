@@ -268,8 +268,7 @@ fn projections<T: Elem>(
                     gate: (gated && i == 1).then_some(parts[0].out),
                 })
                 .collect();
-            let ns: Vec<usize> = parts.iter().map(|p| p.n).collect();
-            let panels = super::amx::Panels::new(&ns, m, threads, gated);
+            let panels = super::amx::Panels::new(parts.iter().map(|p| p.n), m, threads, gated);
             let job = |t: usize| {
                 // SAFETY: threads write only the panels they take from `panels`.
                 unsafe {

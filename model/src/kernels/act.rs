@@ -35,6 +35,12 @@ pub(crate) fn silu_gate_range<T: Elem>(level: SimdLevel, g: &mut [f32], u: &[f32
         unsafe { x86::silu_gate_avx512::<T>(g, u) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && T::KIND != ElemKind::Bf16 {
+        // SAFETY: AVX2 and F16C are available at this level.
+        unsafe { x86::silu_gate_avx2::<T>(g, u) };
+        return;
+    }
     for gv in g.iter_mut() {
         *gv = silu(*gv);
     }
@@ -48,7 +54,7 @@ pub(crate) fn silu_gate_range<T: Elem>(level: SimdLevel, g: &mut [f32], u: &[f32
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::dot::x86::{lanes, round_f16_512};
-    use super::super::math::x86::silu512;
+    use super::super::math::x86::{silu256, silu512};
     use super::*;
     use std::arch::x86_64::*;
 
@@ -60,6 +66,35 @@ mod x86 {
             round_f16_512(v)
         } else {
             v
+        }
+    }
+
+    /// Rounds 8 lanes to `T` (f16 or f32) and back.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn round256<T: Elem>(v: __m256) -> __m256 {
+        if T::KIND == ElemKind::F16 {
+            _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+        } else {
+            v
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn silu_gate_avx2<T: Elem>(g: &mut [f32], u: &[f32]) {
+        let n = g.len();
+        let full = n - n % 8;
+        let mut i = 0;
+        while i < full {
+            let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+            let uv = _mm256_loadu_ps(u.as_ptr().add(i));
+            let a = round256::<T>(silu256(gv));
+            let y = round256::<T>(_mm256_mul_ps(a, uv));
+            _mm256_storeu_ps(g.as_mut_ptr().add(i), y);
+            i += 8;
+        }
+        for (gv, &uv) in g[full..].iter_mut().zip(&u[full..]) {
+            *gv = T::round(T::round(silu(*gv)) * uv);
         }
     }
 

@@ -58,7 +58,13 @@ pub fn attention<T: Elem>(
     let level = kern.level;
     let scale = 1.0 / (head_dim as f32).sqrt();
     #[cfg(target_arch = "x86_64")]
-    if level >= SimdLevel::Avx512 && n_heads.is_multiple_of(n_kv_heads) && head_dim <= 256 {
+    let avx512 = level >= SimdLevel::Avx512;
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2
+        && n_heads.is_multiple_of(n_kv_heads)
+        && head_dim <= 256
+        && (avx512 || head_dim.is_multiple_of(8))
+    {
         // A work item is a token with all its K/V heads when there are enough tokens (each
         // block of the cache is then read whole, in order), else one (token, K/V head) pair.
         // Either way the query heads sharing a K/V head read each block once.
@@ -79,8 +85,8 @@ pub fn attention<T: Elem>(
                 let (i, kvh0) = (item / slices, (item % slices) * per_item);
                 let off = i * q_dim + kvh0 * group * head_dim;
                 let width = per_item * group * head_dim;
-                // SAFETY: item (i, kvh0..) owns these heads' slice of `out`; AVX-512 is
-                // available at this level.
+                // SAFETY: item (i, kvh0..) owns these heads' slice of `out`; AVX2 is
+                // available at this level, AVX-512 where `avx512` says so.
                 unsafe {
                     let dst = std::slice::from_raw_parts_mut(op.get().add(off), width);
                     x86::group_attention::<T>(
@@ -94,6 +100,7 @@ pub fn attention<T: Elem>(
                         kv,
                         &mut scratch,
                         dst,
+                        avx512,
                     );
                 }
             }
@@ -216,11 +223,11 @@ unsafe fn axpy_avx2<T: Elem>(a: f32, x: &[T], y: &mut [f32]) {
     }
 }
 
-/// The AVX-512 path: the same definition as [`head_attention`] (same bits), organised for
-/// throughput. Scores of 16 keys are reduced together by a transposing tree that performs, per
-/// key, exactly the additions of the striped dot's fixed tree; exp and the division run 16 wide;
-/// the weighted sum of values keeps every head's accumulators in registers and adds positions in
-/// order with one fused multiply-add each.
+/// The AVX-512 and AVX2 paths: the same definition as [`head_attention`] (same bits), organised
+/// for throughput. Scores of 16 keys (8 with AVX2) are reduced together by a transposing tree
+/// that performs, per key, exactly the additions of the striped dot's fixed tree; exp and the
+/// division run 16 (8) wide; the weighted sum of values keeps every head's accumulators in
+/// registers and adds positions in order with one fused multiply-add each.
 #[cfg(target_arch = "x86_64")]
 // Register tiles index accumulators by (head, chunk); iterator chains would hide that.
 #[allow(clippy::needless_range_loop)]
@@ -239,9 +246,12 @@ mod x86 {
         kbuf: Vec<f32>,
     }
 
-    /// Attention of the query heads (`qg`, contiguous) of K/V heads `kvhs`.
+    /// Attention of the query heads (`qg`, contiguous) of K/V heads `kvhs`, with the AVX-512
+    /// kernels where `avx512` says so, else the AVX2 ones.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and AVX-512 (F, BW, VL) when `avx512` is set.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn group_attention<T: Elem>(
         shape: AttentionShape,
         layer: usize,
@@ -253,7 +263,10 @@ mod x86 {
         kv: &dyn KvCache<T>,
         scratch: &mut Scratch,
         out: &mut [f32],
+        avx512: bool,
     ) {
+        // Keys scored together: one transposing reduction's worth.
+        let block = if avx512 { 16 } else { 8 };
         let hd = shape.head_dim;
         let heads = qg.len() / hd;
         let g = heads / kvhs.len();
@@ -268,8 +281,8 @@ mod x86 {
             qpad[h * hdp..h * hdp + hd].copy_from_slice(&qg[h * hd..(h + 1) * hd]);
         }
         // Every key slot and score is written before it is read: grow, never clear.
-        if kbuf.len() < 16 * hdp {
-            kbuf.resize(16 * hdp, 0.0);
+        if kbuf.len() < block * hdp {
+            kbuf.resize(block * hdp, 0.0);
         }
         if scores.len() < heads * len {
             scores.resize(heads * len, 0.0);
@@ -282,7 +295,7 @@ mod x86 {
         }
         {
             let qpad = &qpad[..];
-            let kbuf = &mut kbuf[..16 * hdp];
+            let kbuf = &mut kbuf[..block * hdp];
             let scores = &mut scores[..heads * len];
             for (r, &(p0, keys, _)) in runs.iter().enumerate() {
                 // Pages are scattered: fetch the next run's keys and values while this one
@@ -294,43 +307,66 @@ mod x86 {
                 let n = keys.len() / kv_dim;
                 let mut b = 0;
                 while b < n {
-                    let nb = (n - b).min(16);
+                    let nb = (n - b).min(block);
                     for (s, kvh) in kvhs.clone().enumerate() {
-                        // SAFETY: the caller runs at AVX-512.
+                        let sb = ScoreBlock {
+                            qpad: &qpad[s * g * hdp..(s + 1) * g * hdp],
+                            hd,
+                            hdp,
+                            g,
+                            kv_dim,
+                            kvh,
+                            scale,
+                            len,
+                        };
+                        let dst = &mut scores[s * g * len..(s + 1) * g * len];
+                        // SAFETY: the caller checked the CPU features.
                         unsafe {
-                            score_block(
-                                &qpad[s * g * hdp..(s + 1) * g * hdp],
-                                hd,
-                                hdp,
-                                g,
-                                keys,
-                                kv_dim,
-                                kvh,
-                                b,
-                                nb,
-                                kbuf,
-                                scale,
-                                &mut scores[s * g * len..(s + 1) * g * len],
-                                len,
-                                p0 + b,
-                            )
+                            if avx512 {
+                                score_block(sb, keys, b, nb, kbuf, dst, p0 + b)
+                            } else {
+                                avx2::score_block(sb, keys, b, nb, kbuf, dst, p0 + b)
+                            }
                         };
                     }
                     b += nb;
                 }
             }
         }
-        softmax_rows(&mut scores[..heads * len], len);
+        if avx512 {
+            softmax_rows(&mut scores[..heads * len], len);
+        } else {
+            avx2::softmax_rows(&mut scores[..heads * len], len);
+        }
         for (s, kvh) in kvhs.enumerate() {
             let probs = &scores[s * g * len..(s + 1) * g * len];
             let dst = &mut out[s * g * hd..(s + 1) * g * hd];
-            weighted_values::<T>(&runs, probs, hd, hdp, g, kv_dim, kvh, len, dst);
+            if avx512 {
+                weighted_values::<T>(&runs, probs, hd, hdp, g, kv_dim, kvh, len, dst);
+            } else {
+                avx2::weighted_values::<T>(&runs, probs, hd, g, kv_dim, kvh, len, dst);
+            }
         }
+    }
+
+    /// What [`score_block`] needs of the work item: its queries and shapes.
+    #[derive(Clone, Copy)]
+    struct ScoreBlock<'a> {
+        /// The group's queries, each zero-padded to `hdp`.
+        qpad: &'a [f32],
+        hd: usize,
+        hdp: usize,
+        /// Query heads in the group.
+        g: usize,
+        kv_dim: usize,
+        kvh: usize,
+        scale: f32,
+        /// Positions attended (row length of the scores).
+        len: usize,
     }
 
     /// Prefetches columns `start..start + width` of every `row`-wide row of `rows` into L1.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn prefetch_rows<T: Elem>(rows: &[T], row: usize, start: usize, width: usize) {
         let bytes = width * std::mem::size_of::<T>();
         for r in 0..rows.len() / row {
@@ -389,25 +425,27 @@ mod x86 {
 
     /// Scores of keys `b..b + nb` (≤ 16) of one run for every head of the group, stored at
     /// positions `pos..pos + nb`.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn score_block<T: Elem>(
-        qpad: &[f32],
-        hd: usize,
-        hdp: usize,
-        g: usize,
+        sb: ScoreBlock<'_>,
         keys: &[T],
-        kv_dim: usize,
-        kvh: usize,
         b: usize,
         nb: usize,
         kbuf: &mut [f32],
-        scale: f32,
         scores: &mut [f32],
-        len: usize,
         pos: usize,
     ) {
+        let ScoreBlock {
+            qpad,
+            hd,
+            hdp,
+            g,
+            kv_dim,
+            kvh,
+            scale,
+            len,
+        } = sb;
         let chunks = hdp / 16;
         // Key j goes to slot (j % 4) * 4 + j / 4 so that the transposing tree leaves the score
         // of key j in lane j. Slots of missing keys stay zero.
@@ -476,6 +514,21 @@ mod x86 {
                 i += 16;
             }
         }
+        for (r, &sum) in all_row_sums(p, rows, len).iter().enumerate() {
+            let row = p.add(r * len);
+            let sv = _mm512_set1_ps(sum);
+            let mut i = 0;
+            while i < len {
+                let k = lanes(len - i);
+                let q = _mm512_div_ps(_mm512_maskz_loadu_ps(k, row.add(i)), sv);
+                _mm512_mask_storeu_ps(row.add(i), k, q);
+                i += 16;
+            }
+        }
+    }
+
+    /// The position-order sum of each of the `rows` rows of length `len` at `p`.
+    unsafe fn all_row_sums(p: *const f32, rows: usize, len: usize) -> Vec<f32> {
         let mut sums = vec![0f32; rows];
         let mut r0 = 0;
         while r0 < rows {
@@ -492,17 +545,7 @@ mod x86 {
                 _ => 8,
             };
         }
-        for (r, &sum) in sums.iter().enumerate() {
-            let row = p.add(r * len);
-            let sv = _mm512_set1_ps(sum);
-            let mut i = 0;
-            while i < len {
-                let k = lanes(len - i);
-                let q = _mm512_div_ps(_mm512_maskz_loadu_ps(k, row.add(i)), sv);
-                _mm512_mask_storeu_ps(row.add(i), k, q);
-                i += 16;
-            }
-        }
+        sums
     }
 
     /// Σ_j of `R` consecutive `len`-long rows at `p`, each in position order.
@@ -612,5 +655,264 @@ mod x86 {
             }
         }
         *acc = local;
+    }
+
+    /// The AVX2 kernels of the grouped path: 8 lanes, 16-lane striped dots as lo/hi pairs.
+    pub(super) mod avx2 {
+        use super::super::super::dot::x86::load8_256;
+        use super::super::super::math::exp;
+        use super::super::super::math::x86::exp256;
+        use super::{all_row_sums, ScoreBlock};
+        use crate::dtype::{Elem, ElemKind};
+        use std::arch::x86_64::*;
+
+        /// Scores of keys `b..b + nb` (≤ 8) of one run for every head of the group, stored at
+        /// positions `pos..pos + nb`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn score_block<T: Elem>(
+            sb: ScoreBlock<'_>,
+            keys: &[T],
+            b: usize,
+            nb: usize,
+            kbuf: &mut [f32],
+            scores: &mut [f32],
+            pos: usize,
+        ) {
+            let ScoreBlock {
+                qpad,
+                hd,
+                hdp,
+                g,
+                kv_dim,
+                kvh,
+                scale,
+                len,
+            } = sb;
+            // Keys widened once for all the group's heads; missing keys and padding are zero.
+            for j in 0..8 {
+                let dst = kbuf.as_mut_ptr().add(j * hdp);
+                let mut d = 0;
+                if j < nb {
+                    let src = keys.as_ptr().add((b + j) * kv_dim + kvh * hd);
+                    while d < hd {
+                        _mm256_storeu_ps(dst.add(d), load8_256(src.add(d)));
+                        d += 8;
+                    }
+                }
+                while d < hdp {
+                    _mm256_storeu_ps(dst.add(d), _mm256_setzero_ps());
+                    d += 8;
+                }
+            }
+            let chunks = hdp / 16;
+            let kp = kbuf.as_ptr();
+            for h in 0..g {
+                let qp = qpad.as_ptr().add(h * hdp);
+                let mut quads = [_mm256_setzero_ps(); 2];
+                for (half, quad) in quads.iter_mut().enumerate() {
+                    let mut lo = [_mm256_setzero_ps(); 4];
+                    let mut hi = [_mm256_setzero_ps(); 4];
+                    for c in 0..chunks {
+                        let ql = _mm256_loadu_ps(qp.add(c * 16));
+                        let qh = _mm256_loadu_ps(qp.add(c * 16 + 8));
+                        for s in 0..4 {
+                            let k = kp.add((4 * half + s) * hdp + c * 16);
+                            lo[s] = _mm256_fmadd_ps(ql, _mm256_loadu_ps(k), lo[s]);
+                            hi[s] = _mm256_fmadd_ps(qh, _mm256_loadu_ps(k.add(8)), hi[s]);
+                        }
+                    }
+                    *quad = reduce_quad(&lo, &hi);
+                }
+                // The last step of the tree, (0, 1), for both quads at once: lanes hold keys
+                // 0, 2, 4, 6, 1, 3, 5, 7.
+                let r = _mm256_hadd_ps(quads[0], quads[1]);
+                let r = _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                let r = _mm256_mul_ps(r, _mm256_set1_ps(scale));
+                let dst = scores.as_mut_ptr().add(h * len + pos);
+                if nb == 8 {
+                    _mm256_storeu_ps(dst, r);
+                } else {
+                    let mut tmp = [0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), r);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, nb);
+                }
+            }
+        }
+
+        /// The striped dot's tree for 4 keys up to its last step: from lanes 0..8 (`lo`) and
+        /// 8..16 (`hi`) of each key's accumulator, the pairs (l, l+8), (l, l+4), (l, l+2).
+        /// Lanes 2i, 2i+1 of the result hold the two partial sums of key 0, 2, 1, 3 (i = 0..4).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn reduce_quad(lo: &[__m256; 4], hi: &[__m256; 4]) -> __m256 {
+            let v: [__m256; 4] = std::array::from_fn(|s| _mm256_add_ps(lo[s], hi[s]));
+            // (l, l+4): key 0 in lanes 0..4 and key 1 in lanes 4..8; keys 2, 3 alike.
+            let fold = |a: __m256, b: __m256| {
+                _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(a, b),
+                    _mm256_permute2f128_ps::<0x31>(a, b),
+                )
+            };
+            let (t01, t23) = (fold(v[0], v[1]), fold(v[2], v[3]));
+            // (l, l+2) within each key's 4 lanes.
+            let (a, b) = (_mm256_castps_pd(t01), _mm256_castps_pd(t23));
+            _mm256_add_ps(
+                _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
+            )
+        }
+
+        /// Each `len`-long row of `s`: p = exp(s − max) / Σ exp, summed in position order.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn softmax_rows(s: &mut [f32], len: usize) {
+            let rows = s.len() / len;
+            let p = s.as_mut_ptr();
+            let full = len - len % 8;
+            for r in 0..rows {
+                let row = p.add(r * len);
+                let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+                let mut i = 0;
+                while i < full {
+                    mv = _mm256_max_ps(mv, _mm256_loadu_ps(row.add(i)));
+                    i += 8;
+                }
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+                let m = (full..len).fold(
+                    lanes.into_iter().fold(f32::NEG_INFINITY, f32::max),
+                    |m, j| m.max(*row.add(j)),
+                );
+                let mv = _mm256_set1_ps(m);
+                let mut i = 0;
+                while i < full {
+                    let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row.add(i)), mv));
+                    _mm256_storeu_ps(row.add(i), e);
+                    i += 8;
+                }
+                for j in full..len {
+                    *row.add(j) = exp(*row.add(j) - m);
+                }
+            }
+            for (r, &sum) in all_row_sums(p, rows, len).iter().enumerate() {
+                let row = p.add(r * len);
+                let sv = _mm256_set1_ps(sum);
+                let mut i = 0;
+                while i < full {
+                    _mm256_storeu_ps(row.add(i), _mm256_div_ps(_mm256_loadu_ps(row.add(i)), sv));
+                    i += 8;
+                }
+                for j in full..len {
+                    *row.add(j) /= sum;
+                }
+            }
+        }
+
+        /// Σ_j p[h][j] · v_j for the `g` heads of K/V head `kvh`, rounded to `T` into `out`
+        /// (`hd` a multiple of 8).
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn weighted_values<T: Elem>(
+            runs: &[(usize, &[T], &[T])],
+            probs: &[f32],
+            hd: usize,
+            g: usize,
+            kv_dim: usize,
+            kvh: usize,
+            len: usize,
+            out: &mut [f32],
+        ) {
+            // Up to 3 heads × 4 columns of 8 lanes: 12 accumulators, 3 broadcast
+            // probabilities and one value register.
+            let cols = hd / 8;
+            let mut h0 = 0;
+            while h0 < g {
+                let hg = (g - h0).min(3);
+                let mut c0 = 0;
+                while c0 < cols {
+                    let pw = match cols - c0 {
+                        1 => 1,
+                        2 | 3 => 2,
+                        _ => 4,
+                    };
+                    let a = Pv {
+                        hd,
+                        kv_dim,
+                        kvh,
+                        len,
+                        h0,
+                        c0,
+                    };
+                    match (hg, pw) {
+                        (1, 4) => pv::<T, 1, 4>(runs, probs, a, out),
+                        (2, 4) => pv::<T, 2, 4>(runs, probs, a, out),
+                        (3, 4) => pv::<T, 3, 4>(runs, probs, a, out),
+                        (1, 2) => pv::<T, 1, 2>(runs, probs, a, out),
+                        (2, 2) => pv::<T, 2, 2>(runs, probs, a, out),
+                        (3, 2) => pv::<T, 3, 2>(runs, probs, a, out),
+                        (1, _) => pv::<T, 1, 1>(runs, probs, a, out),
+                        (2, _) => pv::<T, 2, 1>(runs, probs, a, out),
+                        _ => pv::<T, 3, 1>(runs, probs, a, out),
+                    }
+                    c0 += pw;
+                }
+                h0 += hg;
+            }
+        }
+
+        /// Where a [`pv`] pass works: heads from `h0`, 8-lane columns from `c0`.
+        #[derive(Clone, Copy)]
+        struct Pv {
+            hd: usize,
+            kv_dim: usize,
+            kvh: usize,
+            len: usize,
+            h0: usize,
+            c0: usize,
+        }
+
+        /// Heads `h0..h0 + G`, columns `c0..c0 + PW`: one fused multiply-add per position in
+        /// order, then rounded to `T`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn pv<T: Elem, const G: usize, const PW: usize>(
+            runs: &[(usize, &[T], &[T])],
+            probs: &[f32],
+            a: Pv,
+            out: &mut [f32],
+        ) {
+            let mut acc = [[_mm256_setzero_ps(); PW]; G];
+            for &(p0, _, values) in runs {
+                let n = values.len() / a.kv_dim;
+                let base = values.as_ptr().add(a.kvh * a.hd + a.c0 * 8);
+                let pr = probs.as_ptr().add(a.h0 * a.len + p0);
+                for j in 0..n {
+                    let row = base.add(j * a.kv_dim);
+                    let p: [__m256; G] =
+                        std::array::from_fn(|h| _mm256_set1_ps(*pr.add(h * a.len + j)));
+                    for c in 0..PW {
+                        let w = load8_256(row.add(c * 8));
+                        for h in 0..G {
+                            acc[h][c] = _mm256_fmadd_ps(p[h], w, acc[h][c]);
+                        }
+                    }
+                }
+            }
+            for h in 0..G {
+                for c in 0..PW {
+                    let dst = out.as_mut_ptr().add((a.h0 + h) * a.hd + (a.c0 + c) * 8);
+                    let v = acc[h][c];
+                    if T::KIND == ElemKind::F16 {
+                        let r = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
+                        _mm256_storeu_ps(dst, r);
+                    } else {
+                        let mut tmp = [0f32; 8];
+                        _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                        for (d, t) in tmp.iter().enumerate() {
+                            *dst.add(d) = T::round(*t);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

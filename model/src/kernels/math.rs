@@ -61,14 +61,17 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-/// dst[i] = exp(src[i] − shift), bitwise [`exp`], 16 lanes at a time where the CPU has AVX-512.
+/// dst[i] = exp(src[i] − shift), bitwise [`exp`], 16 or 8 lanes at a time where the CPU has
+/// AVX-512 or AVX2.
 pub fn exp_shifted(src: &[f32], shift: f32, dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "exp_shifted: lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if super::SimdLevel::cached() >= super::SimdLevel::Avx512 {
+    match super::SimdLevel::cached() {
         // SAFETY: AVX-512 is available.
-        unsafe { x86::exp_shifted_avx512(src, shift, dst) };
-        return;
+        super::SimdLevel::Avx512 => return unsafe { x86::exp_shifted_avx512(src, shift, dst) },
+        // SAFETY: AVX2 is available.
+        super::SimdLevel::Avx2 => return unsafe { x86::exp_shifted_avx2(src, shift, dst) },
+        super::SimdLevel::Portable => {}
     }
     for (d, &x) in dst.iter_mut().zip(src) {
         *d = exp(x - shift);
@@ -133,6 +136,68 @@ pub(crate) mod x86 {
         }
     }
 
+    /// [`exp`] of 8 lanes (AVX2): the same operations in the same order, so the same bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn exp256(x: __m256) -> __m256 {
+        let m = |a, b| _mm256_mul_ps(a, b);
+        let a = |a, b| _mm256_add_ps(a, b);
+        let s = |a, b| _mm256_sub_ps(a, b);
+        let c = _mm256_set1_ps;
+        let n =
+            _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(m(x, c(LOG2E)));
+        let r = s(s(x, m(n, c(LN2_HI))), m(n, c(LN2_LO)));
+        let r2 = m(r, r);
+        let mut p = a(m(c(P0), r), c(P1));
+        p = a(m(p, r), c(P2));
+        p = a(m(p, r), c(P3));
+        p = a(m(p, r), c(P4));
+        p = a(m(p, r), c(P5));
+        let e = a(a(m(p, r2), r), c(1.0));
+        // scale_pow2: n1 = n / 2 truncated toward zero, n2 = n - n1. Lanes outside
+        // [EXP_LO, EXP_HI] or NaN give garbage here and are replaced below.
+        let ni = _mm256_cvtps_epi32(n);
+        let n1 = _mm256_srai_epi32::<1>(_mm256_add_epi32(ni, _mm256_srli_epi32::<31>(ni)));
+        let n2 = _mm256_sub_epi32(ni, n1);
+        let pow2 = |k: __m256i| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                k,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        let mut y = m(m(e, pow2(n1)), pow2(n2));
+        let hi = _mm256_cmp_ps::<_CMP_GT_OQ>(x, c(EXP_HI));
+        let lo = _mm256_cmp_ps::<_CMP_LT_OQ>(x, c(EXP_LO));
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+        y = _mm256_blendv_ps(y, c(f32::INFINITY), hi);
+        y = _mm256_blendv_ps(y, _mm256_setzero_ps(), lo);
+        _mm256_blendv_ps(y, x, nan)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn exp_shifted_avx2(src: &[f32], shift: f32, dst: &mut [f32]) {
+        let n = src.len();
+        let full = n - n % 8;
+        let s = _mm256_set1_ps(shift);
+        let mut i = 0;
+        while i < full {
+            let v = _mm256_loadu_ps(src.as_ptr().add(i));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), exp256(_mm256_sub_ps(v, s)));
+            i += 8;
+        }
+        for (d, &x) in dst[full..].iter_mut().zip(&src[full..]) {
+            *d = exp(x - shift);
+        }
+    }
+
+    /// [`silu`] of 8 lanes (AVX2), bitwise.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn silu256(x: __m256) -> __m256 {
+        let neg = _mm256_xor_ps(x, _mm256_set1_ps(-0.0));
+        _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), exp256(neg)))
+    }
+
     /// [`silu`] of 16 lanes, bitwise.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -176,7 +241,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn simd_exp_and_silu_match_the_scalar_bits() {
-        if super::super::SimdLevel::detect() < super::super::SimdLevel::Avx512 {
+        let level = super::super::SimdLevel::detect();
+        if level < super::super::SimdLevel::Avx2 {
             return;
         }
         let mut xs: Vec<f32> = (0..200_000)
@@ -204,9 +270,22 @@ mod tests {
         }
         for chunk in xs.chunks_exact(16) {
             let (mut e, mut s) = ([0f32; 16], [0f32; 16]);
-            // SAFETY: AVX-512 was detected above.
+            // SAFETY: AVX2 was detected above, AVX-512 where it is used.
             unsafe {
                 use std::arch::x86_64::*;
+                for h in 0..2 {
+                    let v = _mm256_loadu_ps(chunk.as_ptr().add(8 * h));
+                    _mm256_storeu_ps(e.as_mut_ptr().add(8 * h), x86::exp256(v));
+                    _mm256_storeu_ps(s.as_mut_ptr().add(8 * h), x86::silu256(v));
+                }
+                for i in 0..16 {
+                    let x = chunk[i];
+                    assert_eq!(e[i].to_bits(), exp(x).to_bits(), "exp256({x})");
+                    assert_eq!(s[i].to_bits(), silu(x).to_bits(), "silu256({x})");
+                }
+                if level < super::super::SimdLevel::Avx512 {
+                    continue;
+                }
                 let v = _mm512_loadu_ps(chunk.as_ptr());
                 _mm512_storeu_ps(e.as_mut_ptr(), x86::exp512(v));
                 _mm512_storeu_ps(s.as_mut_ptr(), x86::silu512(v));

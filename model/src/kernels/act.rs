@@ -80,6 +80,7 @@ mod x86 {
         }
     }
 
+    /// [`silu_gate_range`] 8 lanes at a time, the tail in scalar code (same bits).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn silu_gate_avx2<T: Elem>(g: &mut [f32], u: &[f32]) {
         let n = g.len();

@@ -471,7 +471,8 @@ mod x86 {
     /// Rows and columns of the AVX-512 register tile (24 accumulators).
     const MR512: usize = 4;
     const NR512: usize = 6;
-    /// Rows and columns of the AVX2 register tile (4 accumulator pairs).
+    /// Rows and columns of the AVX2 register tile for the 2 or 3 rows left after the 4-row
+    /// tiles (4 accumulator pairs).
     const MR256: usize = 2;
     const NR256: usize = 2;
     /// How far ahead a one-row product asks for weights, in bytes: it reads one weight row
@@ -926,8 +927,8 @@ mod x86 {
 
     /// Columns `cols` of rows `r0..r0 + MR` in tiles of `NR` columns. With one column per
     /// tile the weights are read in memory order, a single stream: the hardware prefetcher
-    /// keeps up with one stream but loses several interleaved ones (measured on Zen 3: two
-    /// interleaved rows read at 55–65% of the speed of one).
+    /// keeps up with one stream but loses several interleaved ones (measured on Zen 3 from
+    /// DRAM: two interleaved rows read at 55–75% of the speed of one).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn cols_avx2<T: Elem, const MR: usize, const NR: usize>(

@@ -174,6 +174,7 @@ pub(crate) mod x86 {
         _mm256_blendv_ps(y, x, nan)
     }
 
+    /// [`exp_shifted`] 8 lanes at a time, the tail with the scalar [`exp`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn exp_shifted_avx2(src: &[f32], shift: f32, dst: &mut [f32]) {
         let n = src.len();

@@ -910,19 +910,34 @@ mod x86 {
         }
         if full < k {
             for j in 0..NR {
-                let wr = &w[(j0 + j) * k..(j0 + j + 1) * k];
                 for r in 0..PACK_MR {
-                    let xr = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                    let (xb, wb) = pad_tail(xr, wr, full);
-                    acc[r][j] = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(xb.as_ptr().add(off)),
-                        _mm256_loadu_ps(wb.as_ptr().add(off)),
-                        acc[r][j],
-                    );
+                    acc[r][j] = tail256(x, w, k, r0 + r, j0 + j, off, acc[r][j]);
                 }
             }
         }
         acc
+    }
+
+    /// `acc` plus lanes `off..off + 8` of the last, partial chunk of row `r` of `x` times
+    /// weight row `j`, zero-padded as the striped dot pads its tail.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tail256<T: Elem>(
+        x: &[f32],
+        w: &[T],
+        k: usize,
+        r: usize,
+        j: usize,
+        off: usize,
+        acc: __m256,
+    ) -> __m256 {
+        let xr = &x[r * k..(r + 1) * k];
+        let (xb, wb) = pad_tail(xr, &w[j * k..(j + 1) * k], k - k % LANES);
+        _mm256_fmadd_ps(
+            _mm256_loadu_ps(xb.as_ptr().add(off)),
+            _mm256_loadu_ps(wb.as_ptr().add(off)),
+            acc,
+        )
     }
 
     /// Columns `cols` of rows `r0..r0 + MR` in tiles of `NR` columns. With one column per
@@ -998,20 +1013,9 @@ mod x86 {
         }
         if full < k {
             for j in 0..NR {
-                let wr = &w[(j0 + j) * k..(j0 + j + 1) * k];
                 for r in 0..MR {
-                    let xr = &x[(r0 + r) * k..(r0 + r + 1) * k];
-                    let (xb, wb) = pad_tail(xr, wr, full);
-                    lo[r][j] = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(xb.as_ptr()),
-                        _mm256_loadu_ps(wb.as_ptr()),
-                        lo[r][j],
-                    );
-                    hi[r][j] = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(xb.as_ptr().add(8)),
-                        _mm256_loadu_ps(wb.as_ptr().add(8)),
-                        hi[r][j],
-                    );
+                    lo[r][j] = tail256(x, w, k, r0 + r, j0 + j, 0, lo[r][j]);
+                    hi[r][j] = tail256(x, w, k, r0 + r, j0 + j, 8, hi[r][j]);
                 }
             }
         }

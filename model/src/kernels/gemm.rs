@@ -477,7 +477,8 @@ mod x86 {
     const NR256: usize = 2;
     /// How far ahead a one-row product asks for weights, in bytes: it reads one weight row
     /// after the other, so this runs ahead into the following rows. Measured on Zen 3 from DRAM
-    /// (2 threads): 2.3–3.5 KB ahead reached 85–90% of a plain sequential read, none 72%.
+    /// (2 threads): 2.3–3.5 KB ahead reached 85–90% of a plain sequential read, none 72%; on
+    /// Zen 4 (AVX-512) 2–4 KB ahead and none both read at about 95% of it.
     const PF_ONE_BYTES: usize = 3456;
 
     pub(super) unsafe fn block_avx512<T: Elem>(
@@ -494,8 +495,24 @@ mod x86 {
             r += MR512;
         }
         while r < m {
-            cols_avx512::<T, 1>(x, r, k, w, cols.clone(), store);
+            one_row_avx512::<T>(x, r, k, w, cols.clone(), store);
             r += 1;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn one_row_avx512<T: Elem>(
+        x: &[f32],
+        r0: usize,
+        k: usize,
+        w: &[T],
+        cols: std::ops::Range<usize>,
+        store: &impl Fn(usize, usize, f32),
+    ) {
+        for j in cols {
+            let acc = tile512::<T, 1, 1>(x, r0, k, w, j);
+            store(r0, j, acc[0][0]);
         }
     }
 
@@ -541,13 +558,18 @@ mod x86 {
         let xp = x.as_ptr().add(r0 * k);
         let wp = w.as_ptr().add(j0 * k);
         let full = k - k % LANES;
-        // Software prefetch of the next tile's weights, once per row and 64-byte line: the
-        // hardware prefetchers lose track of six interleaved row streams, and single-row decode
-        // is bound by how many lines are in flight (measured: batch-1 decode went from about
-        // 62% to about 90% of the read bandwidth). The same lines four tiles ahead are asked
-        // into L2 as well, which keeps more of them in flight than the core's line-fill buffers
-        // alone allow (measured: lm_head from DRAM 27 → 30 GB/s, batch-1 decode about 5%
-        // faster; cache-hot products lose a little to the extra instructions).
+        // A one-row product (decode) reads one weight row after the other as a single stream
+        // and asks for the line a fixed distance ahead, like the AVX2 path. Column tiles read
+        // NR rows interleaved; on Zen 4 that pattern read DRAM at about 20 GB/s against 50 for
+        // one stream, whatever was prefetched (measured with 2 threads on the default model's
+        // matrices), which is why decode does not use them.
+        //
+        // Multi-row tiles prefetch the next tile's weights once per row and 64-byte line, and
+        // the same lines four tiles ahead into L2, which keeps more lines in flight than the
+        // line-fill buffers alone allow (measured on Sapphire Rapids: lm_head from DRAM 27 → 30
+        // GB/s; cache-hot products lose a little to the extra instructions).
+        let one = MR == 1 && NR == 1;
+        let ahead = PF_ONE_BYTES / std::mem::size_of::<T>();
         let pf = NR * k;
         let line = (64 / std::mem::size_of::<T>()).max(LANES);
         let mut c = 0;
@@ -556,8 +578,11 @@ mod x86 {
             for (r, v) in xv.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(xp.add(r * k + c));
             }
+            if one && c % line == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c + ahead) as *const i8);
+            }
             for j in 0..NR {
-                if c % line == 0 {
+                if !one && c % line == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j * k + c + pf) as *const i8);
                     _mm_prefetch::<_MM_HINT_T2>(wp.wrapping_add(j * k + c + 4 * pf) as *const i8);
                 }

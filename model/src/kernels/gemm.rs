@@ -1088,15 +1088,10 @@ mod tests {
     use super::*;
     use half::{bf16, f16};
 
-    /// Values in [-1, 1) from a fixed linear congruential sequence.
+    /// Deterministic values in [-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-            })
-            .collect()
+        let mut rng = crate::testmodel::SeededNormal::new(seed);
+        (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect()
     }
 
     fn one_row_layouts_match_portable<T: Elem>() {

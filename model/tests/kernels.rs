@@ -96,41 +96,36 @@ fn matmul_bits_independent_of_level_threads_and_batch<T: Elem>() {
     let rows = 37;
     let x = rounded::<T>(&common::values(4, rows * k));
     let w: Vec<T> = to_elems(&common::values(5, n * k));
-    let reference = {
-        let kern = Kernels::with_threads(SimdLevel::Portable, 1);
-        let mut out = vec![0f32; rows * n];
-        matmul(&kern, &x, rows, k, &w, n, None, Output::F32, &mut out);
-        out
-    };
-    for level in SimdLevel::available() {
-        for threads in [1, 2, 3] {
-            let kern = Kernels::with_threads(level, threads);
-            // Every prefix length of the batch: row r's bits must not depend on batch size.
-            for m in [1, 2, 3, 4, 5, 9, 24, 37] {
-                let mut out = vec![0f32; m * n];
-                matmul(&kern, &x[..m * k], m, k, &w, n, None, Output::F32, &mut out);
-                for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
-                    assert_eq!(
-                        a.to_bits(),
-                        b.to_bits(),
-                        "{level:?} t{threads} m{m} elem {i}"
-                    );
+    let b: Vec<T> = to_elems(&common::values(9, n));
+    // Plain f32 sums, and sums with a bias rounded to T (the paths store and round in their
+    // own epilogues).
+    for (bias, mode) in [(None, Output::F32), (Some(&b[..]), Output::Round)] {
+        let reference = {
+            let kern = Kernels::with_threads(SimdLevel::Portable, 1);
+            let mut out = vec![0f32; rows * n];
+            matmul(&kern, &x, rows, k, &w, n, bias, mode, &mut out);
+            out
+        };
+        for level in SimdLevel::available() {
+            for threads in [1, 2, 3] {
+                let kern = Kernels::with_threads(level, threads);
+                // Every prefix length of the batch: row r's bits must not depend on batch size.
+                for m in [1, 2, 3, 4, 5, 9, 24, 37] {
+                    let mut out = vec![0f32; m * n];
+                    matmul(&kern, &x[..m * k], m, k, &w, n, bias, mode, &mut out);
+                    for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{level:?} t{threads} m{m} {mode:?} elem {i}"
+                        );
+                    }
                 }
+                // A single row placed last in a batch equals the row alone.
+                let mut alone = vec![0f32; n];
+                matmul(&kern, &x[36 * k..], 1, k, &w, n, bias, mode, &mut alone);
+                assert_eq!(alone, reference[36 * n..]);
             }
-            // A single row placed last in a batch equals the row alone.
-            let mut alone = vec![0f32; n];
-            matmul(
-                &kern,
-                &x[36 * k..],
-                1,
-                k,
-                &w,
-                n,
-                None,
-                Output::F32,
-                &mut alone,
-            );
-            assert_eq!(alone, reference[36 * n..]);
         }
     }
 }

@@ -282,16 +282,28 @@ impl<T: Elem> Model<T> {
         kv: &mut dyn KvCache<T>,
         logits: &mut Vec<f32>,
     ) -> Result<(), ForwardError> {
+        // Flatten the spans into token rows, checking input first. The row lists, like the
+        // activations below, are the calling thread's, kept between calls.
+        let mut rows = ROWS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+        let flat = self.flatten(spans, &mut rows);
+        let result = flat.map(|()| self.run_rows(&rows, kv, logits));
+        ROWS.with(|r| *r.borrow_mut() = rows);
+        result
+    }
+
+    /// Fills `rows` with the token rows of `spans`, checking tokens and positions.
+    fn flatten(&self, spans: &[Span<'_>], rows: &mut Rows) -> Result<(), ForwardError> {
         let c = &self.config;
-        let kern = &self.kernels;
-        let level = kern.level;
-        let (hd, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let eps = c.rms_norm_eps as f32;
-        // Flatten the spans into token rows, checking input first.
-        let mut tokens = Vec::new();
-        let mut seqs = Vec::new();
-        let mut positions = Vec::new();
-        let mut logit_rows = Vec::new();
+        let Rows {
+            tokens,
+            seqs,
+            positions,
+            logit_rows,
+        } = rows;
+        tokens.clear();
+        seqs.clear();
+        positions.clear();
+        logit_rows.clear();
         for s in spans {
             for (i, &t) in s.tokens.iter().enumerate() {
                 if t as usize >= c.vocab_size {
@@ -320,16 +332,32 @@ impl<T: Elem> Model<T> {
                 positions.push(pos);
             }
         }
+        Ok(())
+    }
+
+    /// The forward pass over flattened token rows.
+    fn run_rows(&self, rows: &Rows, kv: &mut dyn KvCache<T>, logits: &mut Vec<f32>) {
+        let c = &self.config;
+        let kern = &self.kernels;
+        let level = kern.level;
+        let (hd, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let eps = c.rms_norm_eps as f32;
+        let Rows {
+            tokens,
+            seqs,
+            positions,
+            logit_rows,
+        } = rows;
         let m = tokens.len();
         if m == 0 {
             logits.clear();
-            return Ok(());
+            return;
         }
         let embed = self.w(self.embed);
         // Activation buffers are the calling thread's, kept between calls: a decode step
         // allocates nothing, and a long prefill does not fault in fresh pages every time.
         let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        let [h, xn, q, k, v, att, o, g, u] = &mut scratch;
+        let [h, xn, q, k, v, att, o, g, u, sel, normed] = &mut scratch;
         let h = grown(h, m * hd);
         let xn = grown(xn, m * hd);
         let q = grown(q, m * qd);
@@ -345,8 +373,17 @@ impl<T: Elem> Model<T> {
                 *d = e.to_f32();
             }
         }
-        let mut kt = vec![T::default(); kvd];
-        let mut vt = vec![T::default(); kvd];
+        // K/V rows in the run dtype on their way to the cache; typed, so kept as `Any`.
+        let mut kv_rows = KV_ROWS
+            .with(|c| c.borrow_mut().take())
+            .filter(|b| b.is::<(Vec<T>, Vec<T>)>())
+            .unwrap_or_else(|| Box::new((Vec::<T>::new(), Vec::<T>::new())));
+        let (kt, vt) = kv_rows
+            .downcast_mut::<(Vec<T>, Vec<T>)>()
+            .expect("checked just above");
+        kt.resize(kvd, T::default());
+        vt.resize(kvd, T::default());
+        let (kt, vt) = (&mut kt[..kvd], &mut vt[..kvd]);
         let shape = AttentionShape {
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
@@ -390,11 +427,11 @@ impl<T: Elem> Model<T> {
                     .apply_at::<T>(level, &mut q[r * qd..(r + 1) * qd], positions[r]);
                 self.rope
                     .apply_at::<T>(level, &mut k[r * kvd..(r + 1) * kvd], positions[r]);
-                T::from_f32_slice(&k[r * kvd..(r + 1) * kvd], &mut kt);
-                T::from_f32_slice(&v[r * kvd..(r + 1) * kvd], &mut vt);
-                kv.write(li, seqs[r], positions[r], &kt, &vt);
+                T::from_f32_slice(&k[r * kvd..(r + 1) * kvd], kt);
+                T::from_f32_slice(&v[r * kvd..(r + 1) * kvd], vt);
+                kv.write(li, seqs[r], positions[r], kt, vt);
             }
-            attention::<T>(kern, shape, li, q, &seqs, &positions, &*kv, att);
+            attention::<T>(kern, shape, li, q, seqs, positions, &*kv, att);
             matmul(kern, att, m, qd, self.w(l.o), hd, None, Output::Round, o);
             residual_norm(kern, h, Some(o), self.w(l.mlp_norm), eps, xn);
             // As PyTorch in the run dtype: act(gate) is rounded, then the product.
@@ -414,14 +451,14 @@ impl<T: Elem> Model<T> {
         if !self.layers.is_empty() {
             add_round::<T>(level, h, o);
         }
+        KV_ROWS.with(|c| *c.borrow_mut() = Some(kv_rows));
         let n = logit_rows.len();
-        let mut sel = vec![0f32; n * hd];
+        let sel = grown(sel, n * hd);
         for (i, &r) in logit_rows.iter().enumerate() {
             sel[i * hd..(i + 1) * hd].copy_from_slice(&h[r * hd..(r + 1) * hd]);
         }
-        SCRATCH.with(|s| *s.borrow_mut() = scratch);
-        let mut normed = vec![0f32; n * hd];
-        rms_norm(level, &sel, self.w(self.norm), eps, &mut normed);
+        let normed = grown(normed, n * hd);
+        rms_norm(level, sel, self.w(self.norm), eps, normed);
         let vocab = c.vocab_size;
         // Every element is written by the projection below: only grow, never clear.
         if logits.len() < n * vocab {
@@ -430,7 +467,7 @@ impl<T: Elem> Model<T> {
         logits.truncate(n * vocab);
         matmul(
             kern,
-            &normed,
+            normed,
             n,
             hd,
             self.w(self.lm_head),
@@ -439,13 +476,28 @@ impl<T: Elem> Model<T> {
             Output::F32,
             logits,
         );
-        Ok(())
+        SCRATCH.with(|s| *s.borrow_mut() = scratch);
     }
 }
 
+/// The token rows of one forward call: id, sequence, position, and which rows need logits.
+#[derive(Default)]
+struct Rows {
+    tokens: Vec<u32>,
+    seqs: Vec<usize>,
+    positions: Vec<usize>,
+    logit_rows: Vec<usize>,
+}
+
 thread_local! {
-    /// [`Model::forward`]'s activation buffers (h, xn, q, k, v, att, o, gate, up).
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 9]> = Default::default();
+    /// [`Model::forward`]'s activation buffers (h, xn, q, k, v, att, o, gate, up, the rows
+    /// that get logits, and those rows normed).
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 11]> = Default::default();
+    /// [`Model::forward`]'s token rows.
+    static ROWS: std::cell::RefCell<Rows> = Default::default();
+    /// [`Model::forward`]'s K and V rows in the run dtype, as `(Vec<T>, Vec<T>)`.
+    static KV_ROWS: std::cell::RefCell<Option<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// The first `n` values of `v`, growing it if needed (contents unspecified: callers overwrite).

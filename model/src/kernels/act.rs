@@ -2,7 +2,7 @@
 
 use super::math::silu;
 use super::round::round_in_place;
-use super::{split_range, Kernels, SimdLevel};
+use super::{part_range, Kernels, SimdLevel};
 use crate::dtype::{Elem, ElemKind};
 
 /// Below this many elements the activation runs on the calling thread.
@@ -17,10 +17,10 @@ pub fn silu_gate<T: Elem>(kern: &Kernels, g: &mut [f32], u: &[f32]) {
         silu_gate_range::<T>(level, g, u);
         return;
     }
-    let ranges = split_range(n, kern.pool.threads(), 16);
+    let threads = kern.pool.threads();
     let gp = super::SharedOut::new(g);
     kern.pool.run(&|t| {
-        let r = ranges[t].clone();
+        let r = part_range(n, threads, 16, t);
         // SAFETY: thread `t` owns elements `r` of `g`.
         let gs = unsafe { std::slice::from_raw_parts_mut(gp.get().add(r.start), r.len()) };
         silu_gate_range::<T>(level, gs, &u[r]);

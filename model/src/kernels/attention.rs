@@ -6,7 +6,7 @@
 
 use super::dot::dot;
 use super::math::exp;
-use super::{split_range, Kernels, SimdLevel};
+use super::{part_range, Kernels, SimdLevel};
 use crate::dtype::Elem;
 use crate::kv::KvCache;
 
@@ -52,7 +52,6 @@ pub fn attention<T: Elem>(
     } else {
         kern.pool.threads()
     };
-    let ranges = split_range(pairs, threads, 1);
     // Threads write disjoint (token, head) slices of the output.
     let op = super::SharedOut::new(out);
     let level = kern.level;
@@ -76,34 +75,36 @@ pub fn attention<T: Elem>(
         // leaves its remaining items to the others instead of keeping them waiting.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let job = |_: usize| {
-            let mut scratch = x86::Scratch::default();
-            loop {
-                let item = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if item >= items {
-                    break;
+            SCRATCH.with(|cell| {
+                let scratch = &mut *cell.borrow_mut();
+                loop {
+                    let item = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if item >= items {
+                        break;
+                    }
+                    let (i, kvh0) = (item / slices, (item % slices) * per_item);
+                    let off = i * q_dim + kvh0 * group * head_dim;
+                    let width = per_item * group * head_dim;
+                    // SAFETY: item (i, kvh0..) owns these heads' slice of `out`; AVX2 is
+                    // available at this level, AVX-512 where `avx512` says so.
+                    unsafe {
+                        let dst = std::slice::from_raw_parts_mut(op.get().add(off), width);
+                        x86::group_attention::<T>(
+                            shape,
+                            layer,
+                            &q[off..off + width],
+                            seqs[i],
+                            positions[i] + 1,
+                            kvh0..kvh0 + per_item,
+                            scale,
+                            kv,
+                            scratch,
+                            dst,
+                            avx512,
+                        );
+                    }
                 }
-                let (i, kvh0) = (item / slices, (item % slices) * per_item);
-                let off = i * q_dim + kvh0 * group * head_dim;
-                let width = per_item * group * head_dim;
-                // SAFETY: item (i, kvh0..) owns these heads' slice of `out`; AVX2 is
-                // available at this level, AVX-512 where `avx512` says so.
-                unsafe {
-                    let dst = std::slice::from_raw_parts_mut(op.get().add(off), width);
-                    x86::group_attention::<T>(
-                        shape,
-                        layer,
-                        &q[off..off + width],
-                        seqs[i],
-                        positions[i] + 1,
-                        kvh0..kvh0 + per_item,
-                        scale,
-                        kv,
-                        &mut scratch,
-                        dst,
-                        avx512,
-                    );
-                }
-            }
+            });
         };
         if threads == 1 || items == 1 {
             job(0);
@@ -113,39 +114,77 @@ pub fn attention<T: Elem>(
         return;
     }
     let job = |t: usize| {
-        let mut scores = Vec::new();
-        let mut acc = vec![0f32; head_dim];
-        for pair in ranges[t].clone() {
-            let (i, h) = (pair / n_heads, pair % n_heads);
-            let kvh = h / (n_heads / n_kv_heads);
-            let qh = &q[i * q_dim + h * head_dim..i * q_dim + (h + 1) * head_dim];
-            head_attention(
-                level,
-                shape,
-                layer,
-                qh,
-                seqs[i],
-                positions[i] + 1,
-                kvh,
-                scale,
-                kv,
-                &mut scores,
-                &mut acc,
-            );
-            // SAFETY: pair (i, h) owns this slice of `out`.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(op.get().add(i * q_dim + h * head_dim), head_dim)
-            };
-            for (d, &a) in dst.iter_mut().zip(&acc) {
-                *d = T::round(a);
+        SCRATCH.with(|cell| {
+            let Scratch {
+                scores, kbuf: acc, ..
+            } = &mut *cell.borrow_mut();
+            acc.clear();
+            acc.resize(head_dim, 0.0);
+            for pair in part_range(pairs, threads, 1, t) {
+                let (i, h) = (pair / n_heads, pair % n_heads);
+                let kvh = h / (n_heads / n_kv_heads);
+                let qh = &q[i * q_dim + h * head_dim..i * q_dim + (h + 1) * head_dim];
+                head_attention(
+                    level,
+                    shape,
+                    layer,
+                    qh,
+                    seqs[i],
+                    positions[i] + 1,
+                    kvh,
+                    scale,
+                    kv,
+                    scores,
+                    acc,
+                );
+                // SAFETY: pair (i, h) owns this slice of `out`.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(op.get().add(i * q_dim + h * head_dim), head_dim)
+                };
+                for (d, &a) in dst.iter_mut().zip(acc.iter()) {
+                    *d = T::round(a);
+                }
             }
-        }
+        });
     };
     if threads == 1 {
         job(0);
     } else {
         kern.pool.run(&job);
     }
+}
+
+/// Per-thread buffers of the attention kernels, kept between calls (the pool's threads live as
+/// long as the process): a decode step allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    qpad: Vec<f32>,
+    kbuf: Vec<f32>,
+    /// Row sums of the softmax.
+    sums: Vec<f32>,
+    /// The allocation behind a work item's list of K/V runs, kept empty between items.
+    runs: Vec<(usize, &'static [u8], &'static [u8])>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
+}
+
+/// `v`'s allocation as an empty vector of `B`, an element type of the same size and alignment
+/// (the runs of K/V slices of any dtype and lifetime share one buffer this way).
+fn recycle<A, B>(mut v: Vec<A>) -> Vec<B> {
+    const {
+        assert!(
+            std::mem::size_of::<A>() == std::mem::size_of::<B>()
+                && std::mem::align_of::<A>() == std::mem::align_of::<B>()
+        )
+    };
+    v.clear();
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: the allocation was made for `capacity` elements of `A`, which is the same layout
+    // as `capacity` elements of `B`; the new vector is empty, so no `A` is read as a `B`.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<B>(), 0, v.capacity()) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -238,14 +277,6 @@ mod x86 {
     use crate::dtype::ElemKind;
     use std::arch::x86_64::*;
 
-    /// Per-thread buffers reused across work items.
-    #[derive(Default)]
-    pub(super) struct Scratch {
-        scores: Vec<f32>,
-        qpad: Vec<f32>,
-        kbuf: Vec<f32>,
-    }
-
     /// Attention of the query heads (`qg`, contiguous) of K/V heads `kvhs`, with the AVX-512
     /// kernels where `avx512` says so, else the AVX2 ones.
     ///
@@ -272,7 +303,13 @@ mod x86 {
         let g = heads / kvhs.len();
         let kv_dim = shape.n_kv_heads * hd;
         let hdp = hd.div_ceil(16) * 16;
-        let Scratch { scores, qpad, kbuf } = scratch;
+        let Scratch {
+            scores,
+            qpad,
+            kbuf,
+            sums,
+            runs: spare,
+        } = scratch;
         // Queries zero-padded to whole chunks: padded lanes add fma(0, 0, acc) = acc, exactly
         // as the striped dot pads its tail.
         qpad.clear();
@@ -287,7 +324,7 @@ mod x86 {
         if scores.len() < heads * len {
             scores.resize(heads * len, 0.0);
         }
-        let mut runs: Vec<(usize, &[T], &[T])> = Vec::new();
+        let mut runs: Vec<(usize, &[T], &[T])> = recycle(std::mem::take(spare));
         kv.read(layer, seq, len, &mut |p0, k, v| runs.push((p0, k, v)));
         if let Some(&(_, k, v)) = runs.first() {
             prefetch_rows(k, kv_dim, kvhs.start * hd, kvhs.len() * hd);
@@ -303,19 +340,18 @@ mod x86 {
                 // AVX-512 path asks for them into L2 a few lines per key scored; AVX2 asks
                 // for them all at once.
                 let next = runs.get(r + 1);
+                let n = keys.len() / kv_dim;
+                // Keys scored in this run, counted once per K/V head: the pace of `ahead`.
+                let slots = n * kvhs.len();
                 let mut ahead = Ahead::default();
                 if let Some(&(_, nk, nv)) = next {
                     if avx512 {
-                        ahead = Ahead::new(nk, nv, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+                        ahead = Ahead::new(nk, nv, kv_dim, kvhs.start * hd, kvhs.len() * hd, slots);
                     } else {
                         prefetch_rows(nk, kv_dim, kvhs.start * hd, kvhs.len() * hd);
                         prefetch_rows(nv, kv_dim, kvhs.start * hd, kvhs.len() * hd);
                     }
                 }
-                let n = keys.len() / kv_dim;
-                // Keys scored in this run, counted once per K/V head: the pace of `ahead`.
-                let slots = n * kvhs.len();
-                let mut done = 0;
                 let mut b = 0;
                 while b < n {
                     let nb = (n - b).min(block);
@@ -334,32 +370,20 @@ mod x86 {
                         // SAFETY: the caller checked the CPU features.
                         unsafe {
                             if avx512 {
-                                score_block(
-                                    sb,
-                                    keys,
-                                    b,
-                                    nb,
-                                    kbuf,
-                                    dst,
-                                    p0 + b,
-                                    &mut ahead,
-                                    done,
-                                    slots,
-                                );
+                                score_block(sb, keys, b, nb, kbuf, dst, p0 + b, &mut ahead);
                             } else {
                                 avx2::score_block(sb, keys, b, nb, kbuf, dst, p0 + b)
                             }
                         };
-                        done += nb;
                     }
                     b += nb;
                 }
             }
         }
         if avx512 {
-            softmax_rows(&mut scores[..heads * len], len);
+            softmax_rows(&mut scores[..heads * len], len, sums);
         } else {
-            avx2::softmax_rows(&mut scores[..heads * len], len);
+            avx2::softmax_rows(&mut scores[..heads * len], len, sums);
         }
         for (s, kvh) in kvhs.enumerate() {
             let probs = &scores[s * g * len..(s + 1) * g * len];
@@ -370,6 +394,7 @@ mod x86 {
                 avx2::weighted_values::<T>(&runs, probs, hd, g, kv_dim, kvh, len, dst);
             }
         }
+        *spare = recycle(runs);
     }
 
     /// What [`score_block`] needs of the work item: its queries and shapes.
@@ -416,11 +441,26 @@ mod x86 {
         per_row: usize,
         lines: usize,
         issued: usize,
+        /// Keys of the current run still to be scored, counted once per K/V head.
+        slots: usize,
+        /// `lines · steps mod slots`: carries the fraction of a line owed between steps.
+        owed: usize,
+        /// Where the next line is: its row's offset, and the line within that row.
+        row_off: usize,
+        in_row: usize,
     }
 
     impl Ahead {
-        /// Columns `start..start + width` of every `row`-wide row of `keys` and `values`.
-        fn new<T: Elem>(keys: &[T], values: &[T], row: usize, start: usize, width: usize) -> Ahead {
+        /// Columns `start..start + width` of every `row`-wide row of `keys` and `values`, asked
+        /// for evenly over `slots` calls of [`Ahead::step`].
+        fn new<T: Elem>(
+            keys: &[T],
+            values: &[T],
+            row: usize,
+            start: usize,
+            width: usize,
+            slots: usize,
+        ) -> Ahead {
             let size = std::mem::size_of::<T>();
             let per_row = (width * size).div_ceil(64);
             Ahead {
@@ -429,20 +469,28 @@ mod x86 {
                 stride: row * size,
                 per_row,
                 lines: keys.len() / row * per_row,
-                issued: 0,
+                slots: slots.max(1),
+                ..Ahead::default()
             }
         }
 
-        /// Asks for the first `lines · done / total` lines not asked for yet.
+        /// One more key scored: asks for the lines that bring the total to
+        /// `lines · steps / slots`. Counted without a division: one per key cost as much as
+        /// the key's multiply-adds.
         #[inline]
-        unsafe fn upto(&mut self, done: usize, total: usize) {
-            let want = self.lines * done / total.max(1);
-            while self.issued < want {
-                let l = self.issued;
-                let off = l / self.per_row * self.stride + l % self.per_row * 64;
+        unsafe fn step(&mut self) {
+            self.owed += self.lines;
+            while self.owed >= self.slots && self.issued < self.lines {
+                self.owed -= self.slots;
+                let off = self.row_off + self.in_row * 64;
                 _mm_prefetch::<_MM_HINT_T2>((self.keys + off) as *const i8);
                 _mm_prefetch::<_MM_HINT_T2>((self.values + off) as *const i8);
                 self.issued += 1;
+                self.in_row += 1;
+                if self.in_row == self.per_row {
+                    self.in_row = 0;
+                    self.row_off += self.stride;
+                }
             }
         }
     }
@@ -494,7 +542,7 @@ mod x86 {
     }
 
     /// Scores of keys `b..b + nb` (≤ 16) of one run for every head of the group, stored at
-    /// positions `pos..pos + nb`; `ahead` is brought to `done + nb` of `slots` keys on the way.
+    /// positions `pos..pos + nb`; `ahead` takes a step per key on the way.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -507,8 +555,6 @@ mod x86 {
         scores: &mut [f32],
         pos: usize,
         ahead: &mut Ahead,
-        done: usize,
-        slots: usize,
     ) {
         let ScoreBlock {
             qpad,
@@ -527,7 +573,7 @@ mod x86 {
             let slot = (j % 4) * 4 + j / 4;
             let dst = kbuf.as_mut_ptr().add(slot * hdp);
             if j < nb {
-                ahead.upto(done + j + 1, slots);
+                ahead.step();
                 let src = keys.as_ptr().add((b + j) * kv_dim + kvh * hd);
                 let full = hd / 16;
                 for c in 0..full {
@@ -567,7 +613,7 @@ mod x86 {
     /// in position order, one dependent add each: rows are summed side by side so that their
     /// chains overlap instead of waiting on each other.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn softmax_rows(s: &mut [f32], len: usize) {
+    unsafe fn softmax_rows(s: &mut [f32], len: usize, sums: &mut Vec<f32>) {
         let rows = s.len() / len;
         let p = s.as_mut_ptr();
         for r in 0..rows {
@@ -589,7 +635,8 @@ mod x86 {
                 i += 16;
             }
         }
-        for (r, &sum) in all_row_sums(p, rows, len).iter().enumerate() {
+        all_row_sums(p, rows, len, sums);
+        for (r, &sum) in sums.iter().enumerate() {
             let row = p.add(r * len);
             let sv = _mm512_set1_ps(sum);
             let mut i = 0;
@@ -603,8 +650,9 @@ mod x86 {
     }
 
     /// The position-order sum of each of the `rows` rows of length `len` at `p`.
-    unsafe fn all_row_sums(p: *const f32, rows: usize, len: usize) -> Vec<f32> {
-        let mut sums = vec![0f32; rows];
+    unsafe fn all_row_sums(p: *const f32, rows: usize, len: usize, sums: &mut Vec<f32>) {
+        sums.clear();
+        sums.resize(rows, 0.0);
         let mut r0 = 0;
         while r0 < rows {
             match rows - r0 {
@@ -620,7 +668,6 @@ mod x86 {
                 _ => 8,
             };
         }
-        sums
     }
 
     /// Σ_j of `R` consecutive `len`-long rows at `p`, each in position order.
@@ -840,7 +887,7 @@ mod x86 {
 
         /// Each `len`-long row of `s`: p = exp(s − max) / Σ exp, summed in position order.
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn softmax_rows(s: &mut [f32], len: usize) {
+        pub(super) unsafe fn softmax_rows(s: &mut [f32], len: usize, sums: &mut Vec<f32>) {
             let rows = s.len() / len;
             let p = s.as_mut_ptr();
             let full = len - len % 8;
@@ -869,7 +916,8 @@ mod x86 {
                     *row.add(j) = exp(*row.add(j) - m);
                 }
             }
-            for (r, &sum) in all_row_sums(p, rows, len).iter().enumerate() {
+            all_row_sums(p, rows, len, sums);
+            for (r, &sum) in sums.iter().enumerate() {
                 let row = p.add(r * len);
                 let sv = _mm256_set1_ps(sum);
                 let mut i = 0;

@@ -148,25 +148,31 @@ fn projections<T: Elem>(
             );
         }
     }
+    if projs.len() > MAX_PROJS {
+        for group in projs.chunks_mut(MAX_PROJS) {
+            projections(kern, x, m, k, group, mode, false);
+        }
+        return false;
+    }
     let total: usize = projs.iter().map(|p| p.n).sum();
     if m == 0 || total == 0 {
         return false;
     }
-    // Each projection with the position of its columns among all the call's outputs.
-    let parts: Vec<Part<'_, T>> = projs
-        .iter_mut()
-        .scan(0, |off, p| {
-            let start = *off;
-            *off += p.n;
-            Some(Part {
-                w: p.w,
-                n: p.n,
-                bias: p.bias,
-                out: SharedOut::new(p.out),
-                first: start,
-            })
-        })
-        .collect();
+    // Each projection with the position of its columns among all the call's outputs, in an
+    // array rather than a vector: a decode step allocates nothing.
+    let mut slots: [Option<Part<'_, T>>; MAX_PROJS] = [None; MAX_PROJS];
+    let mut first = 0;
+    for (slot, p) in slots.iter_mut().zip(projs.iter_mut()) {
+        *slot = Some(Part {
+            w: p.w,
+            n: p.n,
+            bias: p.bias,
+            out: SharedOut::new(p.out),
+            first,
+        });
+        first += p.n;
+    }
+    let parts = &slots[..projs.len()];
     let threads = if m * total * k < PARALLEL_MIN_WORK {
         1
     } else {
@@ -203,7 +209,7 @@ fn projections<T: Elem>(
     // Calls `f(projection, local columns)` for each piece of every range this thread takes.
     let pieces = |f: &mut dyn FnMut(&Part<'_, T>, std::ops::Range<usize>)| {
         while let Some(g) = take() {
-            for p in &parts {
+            for p in parts.iter().flatten() {
                 let (a, b) = (g.start.max(p.first), g.end.min(p.first + p.n));
                 if a < b {
                     f(p, a - p.first..b - p.first);
@@ -239,16 +245,18 @@ fn projections<T: Elem>(
             };
             let amx_parts: Vec<super::amx::Part<'_, T>> = parts
                 .iter()
+                .flatten()
                 .enumerate()
                 .map(|(i, p)| super::amx::Part {
                     w: p.w,
                     n: p.n,
                     bias: p.bias,
                     out: p.out,
-                    gate: (gated && i == 1).then_some(parts[0].out),
+                    gate: parts[0].filter(|_| gated && i == 1).map(|g| g.out),
                 })
                 .collect();
-            let panels = super::amx::Panels::new(parts.iter().map(|p| p.n), m, threads, gated);
+            let panels =
+                super::amx::Panels::new(parts.iter().flatten().map(|p| p.n), m, threads, gated);
             let job = |t: usize| {
                 // SAFETY: threads write only the panels they take from `panels`.
                 unsafe {
@@ -298,6 +306,9 @@ fn run_on(kern: &Kernels, threads: usize, job: &(dyn Fn(usize) + Sync)) {
         kern.pool.run(job);
     }
 }
+
+/// Projections one call of [`matmul_many`] shares out at once; more are done in groups.
+const MAX_PROJS: usize = 4;
 
 /// A projection of [`matmul_many`] as the worker threads see it.
 #[derive(Clone, Copy)]

@@ -231,14 +231,14 @@ impl<T> SharedOut<T> {
 
 /// Splits `n` items into `parts` contiguous ranges whose starts are multiples of `align`.
 pub(crate) fn split_range(n: usize, parts: usize, align: usize) -> Vec<std::ops::Range<usize>> {
-    let parts = parts.max(1);
-    let units = n.div_ceil(align);
-    let per = units.div_ceil(parts);
-    (0..parts)
-        .map(|p| {
-            let s = (p * per * align).min(n);
-            let e = ((p + 1) * per * align).min(n);
-            s..e
-        })
+    (0..parts.max(1))
+        .map(|p| part_range(n, parts, align, p))
         .collect()
+}
+
+/// Range `p` of [`split_range`]`(n, parts, align)`, without building the others (a kernel
+/// call hands each thread its own this way, allocating nothing).
+pub(crate) fn part_range(n: usize, parts: usize, align: usize, p: usize) -> std::ops::Range<usize> {
+    let per = n.div_ceil(align).div_ceil(parts.max(1));
+    (p * per * align).min(n)..((p + 1) * per * align).min(n)
 }

@@ -2,7 +2,7 @@
 
 use super::dot::dot;
 use super::round::round_in_place;
-use super::{split_range, Kernels, SharedOut, SimdLevel};
+use super::{part_range, Kernels, SharedOut, SimdLevel};
 use crate::dtype::Elem;
 
 /// y = round(round(x / rms(x)) · w) per row of width `w.len()`, as Hugging Face's LlamaRMSNorm
@@ -68,10 +68,9 @@ pub fn residual_norm<T: Elem>(
         one(h, add, out);
         return;
     }
-    let ranges = split_range(rows, threads, 1);
     let (hp, op) = (SharedOut::new(h), SharedOut::new(out));
     kern.pool.run(&|t| {
-        let r = ranges[t].clone();
+        let r = part_range(rows, threads, 1, t);
         let span = r.start * d..r.end * d;
         // SAFETY: thread `t` owns rows `r` of `h` and `out`.
         let (hs, os) = unsafe {

@@ -294,16 +294,7 @@ impl<T: Elem> Model<T> {
     /// Fills `rows` with the token rows of `spans`, checking tokens and positions.
     fn flatten(&self, spans: &[Span<'_>], rows: &mut Rows) -> Result<(), ForwardError> {
         let c = &self.config;
-        let Rows {
-            tokens,
-            seqs,
-            positions,
-            logit_rows,
-        } = rows;
-        tokens.clear();
-        seqs.clear();
-        positions.clear();
-        logit_rows.clear();
+        rows.clear();
         for s in spans {
             for (i, &t) in s.tokens.iter().enumerate() {
                 if t as usize >= c.vocab_size {
@@ -325,11 +316,11 @@ impl<T: Elem> Model<T> {
                     LogitsFor::All => true,
                 };
                 if want {
-                    logit_rows.push(tokens.len());
+                    rows.logit_rows.push(rows.tokens.len());
                 }
-                tokens.push(t);
-                seqs.push(s.seq);
-                positions.push(pos);
+                rows.tokens.push(t);
+                rows.seqs.push(s.seq);
+                rows.positions.push(pos);
             }
         }
         Ok(())
@@ -487,6 +478,16 @@ struct Rows {
     seqs: Vec<usize>,
     positions: Vec<usize>,
     logit_rows: Vec<usize>,
+}
+
+impl Rows {
+    /// Empties every list, keeping its capacity.
+    fn clear(&mut self) {
+        self.tokens.clear();
+        self.seqs.clear();
+        self.positions.clear();
+        self.logit_rows.clear();
+    }
 }
 
 thread_local! {

@@ -110,7 +110,7 @@ fn matmul_bits_independent_of_level_threads_and_batch<T: Elem>() {
             for threads in [1, 2, 3] {
                 let kern = Kernels::with_threads(level, threads);
                 // Every prefix length of the batch: row r's bits must not depend on batch size.
-                for m in [1, 2, 3, 4, 5, 9, 24, 37] {
+                for m in [1, 2, 3, 4, 5, 9, 17, 21, 24, 37] {
                     let mut out = vec![0f32; m * n];
                     matmul(&kern, &x[..m * k], m, k, &w, n, bias, mode, &mut out);
                     for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
@@ -132,7 +132,8 @@ fn matmul_bits_independent_of_level_threads_and_batch<T: Elem>() {
 
 #[test]
 fn matmul_bits_hold_across_row_blocks_of_long_reductions() {
-    // k = 4100 makes the wide-panel path split 70 rows into blocks of 64 and 6.
+    // k = 4100 makes the wide-panel path walk 70 rows in blocks of 3 tiles (12 rows), an odd
+    // number, in 6 k-blocks.
     let (m, k, n) = (70, 4100, 13);
     let x = rounded::<f16>(&common::values(6, m * k));
     let w: Vec<f16> = to_elems(&common::values(7, n * k));

@@ -271,16 +271,22 @@ fn projections<T: Elem>(
     if packed {
         XPACK.with(|cell| {
             let mut xpk = cell.borrow_mut();
-            pack_rows(x, m, k, &mut xpk);
+            // SAFETY: `packed` implies AVX-512.
+            unsafe { pack_rows(x, m, k, &mut xpk) };
             let xpk = &xpk[..];
             let job = |_: usize| {
                 pieces(&mut |p, cols| {
                     // SAFETY: each thread writes only its columns of every row; AVX-512 is
                     // available at this level.
                     unsafe {
-                        let store = store_fn(p.bias, p.out.get(), p.n);
-                        x86::packed_avx512(xpk, m, k, p.w, cols.clone(), &store);
-                        round_cols::<T>(level, mode, p.out.get(), m, p.n, cols);
+                        let sink = x86::Sink {
+                            out: p.out.get(),
+                            n: p.n,
+                            m,
+                            bias: p.bias,
+                            round: mode == Output::Round,
+                        };
+                        x86::packed_avx512(xpk, m, k, p.w, cols, &sink);
                     }
                 });
             };
@@ -338,26 +344,46 @@ const PACK_MR: usize = 4;
 /// Packs `x` (m × k) as tiles of 4 rows: chunk `(tile · kc + c) · 4 + r` holds lanes
 /// `16c..16c+16` of row `4·tile + r`, zero-padded in k and in rows, so the 4 rows of a tile
 /// stream from one sequential run of memory.
-fn pack_rows(x: &[f32], m: usize, k: usize, xpk: &mut Vec<Chunk>) {
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows(x: &[f32], m: usize, k: usize, xpk: &mut Vec<Chunk>) {
+    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_store_ps};
     let kc = k.div_ceil(LANES);
     let tiles = m.div_ceil(PACK_MR);
     // Grows only: every chunk is written below, so reuse needs no clearing.
     if xpk.len() < tiles * kc * PACK_MR {
         xpk.resize(tiles * kc * PACK_MR, Chunk::default());
     }
-    for r in 0..tiles * PACK_MR {
-        let (tile, rr) = (r / PACK_MR, r % PACK_MR);
-        for c in 0..kc {
-            let dst = &mut xpk[(tile * kc + c) * PACK_MR + rr].0;
-            let (a, b) = (c * LANES, ((c + 1) * LANES).min(k));
-            if r < m && b - a == LANES {
-                // A fixed-size copy: one vector move, not a memcpy call per chunk.
-                *dst = x[r * k + a..r * k + b].try_into().expect("a whole chunk");
-            } else if r < m {
-                dst[..b - a].copy_from_slice(&x[r * k + a..r * k + b]);
-                dst[b - a..].fill(0.0);
-            } else {
-                *dst = [0.0; LANES];
+    // The packed buffer is written in order, a whole line a store: written piecemeal (16-byte
+    // moves, row by row) each line waited on its read-for-ownership.
+    let full = k / LANES;
+    let mut dst = xpk.as_mut_ptr();
+    for tile in 0..tiles {
+        let r0 = tile * PACK_MR;
+        if r0 + PACK_MR <= m {
+            let src = x.as_ptr().add(r0 * k);
+            for c in 0..full {
+                for rr in 0..PACK_MR {
+                    let v = _mm512_loadu_ps(src.add(rr * k + c * LANES));
+                    _mm512_store_ps((*dst).0.as_mut_ptr(), v);
+                    dst = dst.add(1);
+                }
+            }
+        }
+        let first = if r0 + PACK_MR <= m { full } else { 0 };
+        for c in first..kc {
+            for rr in 0..PACK_MR {
+                // Chunks with padding: past the end of k or past the last row.
+                let mut chunk = [0f32; LANES];
+                let (r, a, b) = (r0 + rr, c * LANES, ((c + 1) * LANES).min(k));
+                if r < m {
+                    chunk[..b - a].copy_from_slice(&x[r * k + a..r * k + b]);
+                }
+                (*dst).0 = chunk;
+                dst = dst.add(1);
             }
         }
     }
@@ -455,8 +481,11 @@ unsafe fn matmul_cols<T: Elem>(
 #[allow(clippy::needless_range_loop)]
 mod x86 {
     use super::super::dot::pad_tail;
-    use super::super::dot::x86::{hsum256_pair, hsum512, load16_512, load8_256, reduce16x16};
+    use super::super::dot::x86::{
+        hsum256_pair, hsum512, load16_512, load8_256, reduce16x16, round_f16_512,
+    };
     use super::*;
+    use crate::dtype::ElemKind;
     use std::arch::x86_64::*;
 
     /// Rows and columns of the AVX-512 register tile (24 accumulators).
@@ -649,7 +678,7 @@ mod x86 {
         k: usize,
         w: &[T],
         cols: std::ops::Range<usize>,
-        store: &impl Fn(usize, usize, f32),
+        sink: &Sink<'_, T>,
     ) {
         const KB: usize = 48;
         let kc = k.div_ceil(LANES);
@@ -683,6 +712,10 @@ mod x86 {
                     );
                 }
                 if nr == NR512 {
+                    let (bias4, bias2) = sink.biases(j);
+                    // Columns 4 and 5 of the tile before, waiting to share one full reduction
+                    // with the next tile's.
+                    let mut pending: Option<(usize, [__m512; 8])> = None;
                     // The next panel's weights come from memory (decode reads every weight
                     // once a step): fetch them a few lines per tile while this panel computes,
                     // so widening it does not stall.
@@ -712,17 +745,36 @@ mod x86 {
                             packed_tile::<NR512>(xt, kc, panel, c0..c1, &mut acc);
                             if c1 < kc {
                                 saved[t - t0] = acc;
-                            } else {
-                                let sums = reduce_tile(&acc);
-                                let rows = (m - t * PACK_MR).min(PACK_MR);
-                                for (dr, row) in sums.iter().enumerate().take(rows) {
-                                    for (dj, &v) in row.iter().enumerate() {
-                                        store(t * PACK_MR + dr, j + dj, v);
-                                    }
+                                continue;
+                            }
+                            // Lane 4l + s of each reduction holds row l, column s.
+                            let mut v = [_mm512_setzero_ps(); 16];
+                            for l in 0..PACK_MR {
+                                for s in 0..4 {
+                                    v[4 * s + l] = acc[l][s];
                                 }
+                            }
+                            sink.put(reduce16x16(&v), bias4, [(t, j), (t, j + 2)]);
+                            let mut rest = [_mm512_setzero_ps(); 8];
+                            for l in 0..PACK_MR {
+                                for s in 0..2 {
+                                    rest[4 * s + l] = acc[l][4 + s];
+                                }
+                            }
+                            if let Some((ta, before)) = pending.take() {
+                                v[..8].copy_from_slice(&before);
+                                v[8..].copy_from_slice(&rest);
+                                sink.put(reduce16x16(&v), bias2, [(ta, j + 4), (t, j + 4)]);
+                            } else {
+                                pending = Some((t, rest));
                             }
                         }
                         c0 = c1;
+                    }
+                    if let Some((ta, before)) = pending {
+                        let mut v = [_mm512_setzero_ps(); 16];
+                        v[..8].copy_from_slice(&before);
+                        sink.put(reduce16x16(&v), bias2, [(ta, j + 4), (usize::MAX, 0)]);
                     }
                 } else {
                     // Column tail: one panel row at a time, whole k (a short panel fits L1).
@@ -739,7 +791,7 @@ mod x86 {
                             );
                             let rows = (m - t * PACK_MR).min(PACK_MR);
                             for (dr, a) in acc.iter().enumerate().take(rows) {
-                                store(t * PACK_MR + dr, j + dj, hsum512(a[0]));
+                                sink.one(t * PACK_MR + dr, j + dj, hsum512(a[0]));
                             }
                         }
                     }
@@ -811,37 +863,80 @@ mod x86 {
         *acc = a;
     }
 
-    /// The fixed-tree sums of a 4 × 6 tile by two transposing reductions: columns 0..4, then
-    /// 4..6 with zero padding (lane 4L + s of each holds row L, column s).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn reduce_tile(acc: &[[__m512; NR512]; PACK_MR]) -> [[f32; NR512]; PACK_MR] {
-        let mut v = [_mm512_setzero_ps(); 16];
-        for l in 0..4 {
-            for s in 0..4 {
-                v[4 * s + l] = acc[l][s];
+    /// Where the wide-panel path puts its sums: bias added, rounded to the run dtype when
+    /// asked, stored as f32 in the `m × n` output. Rounding here, while the sums are in
+    /// registers, saves a second pass over the output.
+    pub(super) struct Sink<'a, T: Elem> {
+        pub(super) out: *mut f32,
+        pub(super) n: usize,
+        pub(super) m: usize,
+        pub(super) bias: Option<&'a [T]>,
+        pub(super) round: bool,
+    }
+
+    impl<T: Elem> Sink<'_, T> {
+        /// The bias of columns `j..j + 4` in the lanes of a 4 × 4 block, and of `j + 4, j + 5`
+        /// in the lanes of a block of two tiles' columns 4 and 5 (zero without a bias).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn biases(&self, j: usize) -> (__m512, __m512) {
+            let Some(b) = self.bias else {
+                return (_mm512_setzero_ps(), _mm512_setzero_ps());
+            };
+            let f = |d: usize| b[j + d].to_f32();
+            let quad = _mm_setr_ps(f(0), f(1), f(2), f(3));
+            let pair = _mm_setr_ps(f(4), f(5), f(4), f(5));
+            (_mm512_broadcast_f32x4(quad), _mm512_broadcast_f32x4(pair))
+        }
+
+        /// Stores the sums `v` of two half-blocks: lanes 4l, 4l + 1 go to row l of tile
+        /// `halves[0].0` at columns `halves[0].1`, `+ 1`, lanes 4l + 2, 4l + 3 likewise for
+        /// `halves[1]` (a tile of `usize::MAX` is none). Rows past `m` are padding.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn put(&self, v: __m512, bias: __m512, halves: [(usize, usize); 2]) {
+            // The same add, then the same rounding, as `store_fn` and `round_in_place`.
+            let v = if self.bias.is_some() {
+                _mm512_add_ps(v, bias)
+            } else {
+                v
+            };
+            let mut lanes = [0f32; 16];
+            if self.round && T::KIND == ElemKind::F16 {
+                _mm512_storeu_ps(lanes.as_mut_ptr(), round_f16_512(v));
+            } else {
+                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                if self.round {
+                    for x in &mut lanes {
+                        *x = T::round(*x);
+                    }
+                }
+            }
+            let src = lanes.as_ptr() as *const f64;
+            for (h, &(t, j)) in halves.iter().enumerate() {
+                if t == usize::MAX {
+                    continue;
+                }
+                let rows = self.m.saturating_sub(t * PACK_MR).min(PACK_MR);
+                for l in 0..rows {
+                    // Two f32 columns of one row as one 8-byte move.
+                    let dst = self.out.add((t * PACK_MR + l) * self.n + j) as *mut f64;
+                    dst.write_unaligned(src.add(2 * l + h).read_unaligned());
+                }
             }
         }
-        let mut a = [0f32; 16];
-        _mm512_storeu_ps(a.as_mut_ptr(), reduce16x16(&v));
-        let mut v = [_mm512_setzero_ps(); 16];
-        for l in 0..4 {
-            for s in 0..2 {
-                v[4 * s + l] = acc[l][4 + s];
-            }
+
+        /// Stores one sum at (row, column).
+        #[inline]
+        fn one(&self, r: usize, j: usize, acc: f32) {
+            let v = match self.bias {
+                Some(b) => acc + b[j].to_f32(),
+                None => acc,
+            };
+            let v = if self.round { T::round(v) } else { v };
+            // SAFETY: the caller owns this in-bounds (row, column) element.
+            unsafe { *self.out.add(r * self.n + j) = v };
         }
-        let mut b = [0f32; 16];
-        _mm512_storeu_ps(b.as_mut_ptr(), reduce16x16(&v));
-        let mut out = [[0f32; NR512]; PACK_MR];
-        for r in 0..PACK_MR {
-            for j in 0..4 {
-                out[r][j] = a[4 * r + j];
-            }
-            for j in 4..NR512 {
-                out[r][j] = b[4 * r + j - 4];
-            }
-        }
-        out
     }
 
     pub(super) unsafe fn block_avx2<T: Elem>(

@@ -1,9 +1,9 @@
 //! `cargo bench -p halfstep-model`: GEMM/GEMV throughput on the default model's shapes beside
 //! the machine's measured FMA peak and read bandwidth, then the full forward: prefill of a
-//! 512-token prompt and decode time per token at batch 1.
+//! 512-token prompt, decode time per token at batch 1, and one decode step of 64 sequences.
 //!
 //! `cargo bench -p halfstep-model --bench kernels -- prefill decode` runs only those sections
-//! (gemm, gemv, levels, attention, prefill, decode), e.g. under a profiler.
+//! (gemm, gemv, levels, attention, prefill, decode, decode64), e.g. under a profiler.
 //!
 //! Figures are only comparable within one run; the machine's bandwidth moves from minute to
 //! minute, so it is measured beside every figure.
@@ -49,19 +49,28 @@ fn gemv_gbs(kern: &Kernels, k: usize, n: usize, copies: usize, iters: usize) -> 
     ((n * k * 2) as f64 / dt / 1e9, dt * 1e6)
 }
 
-/// GFLOP/s of `m` rows through an `[n x k]` f16 matrix (weights hot in cache).
-fn gemm_gflops(kern: &Kernels, m: usize, k: usize, n: usize) -> f64 {
-    let w: Vec<f16> = (0..n * k)
-        .map(|i| f16::from_f32(((i * 7) % 13) as f32 * 0.01))
+/// GFLOP/s of `m` rows through an `[n x k]` f16 matrix: weights hot in cache with `copies` 1,
+/// or taken in turn from `copies` matrices (from memory once they outgrow the caches, as a
+/// decode step reads them).
+fn gemm_gflops(kern: &Kernels, m: usize, k: usize, n: usize, copies: usize) -> f64 {
+    let ws: Vec<Vec<f16>> = (0..copies)
+        .map(|c| {
+            (0..n * k)
+                .map(|i| f16::from_f32(((i * 7 + c) % 13) as f32 * 0.01))
+                .collect()
+        })
         .collect();
     let x: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1).collect();
     let mut out = vec![0f32; m * n];
     let flops = (2 * m * n * k) as f64;
     let iters = ((3e9 / flops) as usize).clamp(3, 20_000);
-    matmul(kern, &x, m, k, &w, n, None, Output::Round, &mut out);
+    for w in &ws {
+        matmul(kern, &x, m, k, w, n, None, Output::Round, &mut out);
+    }
     let t0 = Instant::now();
-    for _ in 0..iters {
-        matmul(kern, &x, m, k, &w, n, None, Output::Round, &mut out);
+    for it in 0..iters {
+        let w = &ws[it % copies];
+        matmul(kern, &x, m, k, w, n, None, Output::Round, &mut out);
     }
     let dt = t0.elapsed().as_secs_f64() / iters as f64;
     std::hint::black_box(&out);
@@ -214,31 +223,35 @@ fn main() {
         for (mode, kern) in &modes {
             println!();
             println!(
-                "GEMM, {mode} kernels (f16 weights, hot), GFLOP/s and share of the f32 FMA peak:"
+                "GEMM, {mode} kernels (f16 weights hot; cold: from memory), GFLOP/s and share of the f32 FMA peak:"
             );
             println!(
-                "{:<22} {:>12} {:>12} {:>12} {:>12}",
-                "shape [out x in]", "m=4", "m=16", "m=64", "m=512"
+                "{:<22} {:>12} {:>12} {:>12} {:>12} {:>12}",
+                "shape [out x in]", "m=4", "m=16", "m=64", "m=512", "m=64 cold"
             );
             for (name, n, k) in [
                 ("gate/up_proj", 1536, 576),
                 ("down_proj", 576, 1536),
                 ("q_proj", 576, 576),
+                ("lm_head", 49152, 576),
             ] {
-                let cells: Vec<String> = [4, 16, 64, 512]
+                // Cold: 64 MiB of copies, twice the largest L3 of these hosts.
+                let cold = (64 << 20) / (n * k * 2) + 1;
+                let cells: Vec<String> = [(4, 1), (16, 1), (64, 1), (512, 1), (64, cold)]
                     .iter()
-                    .map(|&m| {
-                        let g = gemm_gflops(kern, m, k, n);
+                    .map(|&(m, copies)| {
+                        let g = gemm_gflops(kern, m, k, n, copies);
                         format!("{g:.0} ({:.0}%)", 100.0 * g / peak)
                     })
                     .collect();
                 println!(
-                    "{:<22} {:>12} {:>12} {:>12} {:>12}",
+                    "{:<22} {:>12} {:>12} {:>12} {:>12} {:>12}",
                     format!("{name} [{n}x{k}]"),
                     cells[0],
                     cells[1],
                     cells[2],
-                    cells[3]
+                    cells[3],
+                    cells[4]
                 );
             }
         }
@@ -285,7 +298,7 @@ fn main() {
     if want("attention") {
         attention_bench(&kern, bw);
     }
-    if !want("prefill") && !want("decode") {
+    if !want("prefill") && !want("decode") && !want("decode64") {
         return;
     }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -331,6 +344,9 @@ fn main() {
             flops / t / 1e9,
             100.0 * flops / t / 1e9 / peak
         );
+    }
+    if want("decode64") {
+        decode_batch_bench(&m, &kern, peak);
     }
     if !want("decode") {
         return;
@@ -382,6 +398,68 @@ fn main() {
         bw_now,
         limit,
         100.0 / dt / limit
+    );
+}
+
+/// One decode step of 64 sequences, each with 160 positions cached (the engine bench's decode64
+/// workload averages about that), through the model alone: no sampling, scheduler or HTTP.
+/// K/V hold synthetic values; attention's cost depends only on the lengths.
+fn decode_batch_bench(m: &Model<f16>, kern: &Kernels, peak: f64) {
+    let c = m.config().clone();
+    let (seqs, ctx, steps, bs) = (64usize, 160usize, 16usize, 16usize);
+    let kvd = c.kv_dim();
+    let per_seq = (ctx + steps).div_ceil(bs);
+    let num_blocks = seqs * per_seq;
+    let n = c.num_hidden_layers * num_blocks * bs * kvd;
+    let mut kv = PoolKv {
+        kv_dim: kvd,
+        block_size: bs,
+        num_blocks,
+        keys: halfstep_model::mem::huge_vec(n, f16::ZERO),
+        values: halfstep_model::mem::huge_vec(n, f16::ZERO),
+        tables: (0..seqs)
+            .map(|s| (0..per_seq).map(|b| b * seqs + s).collect())
+            .collect(),
+    };
+    for (i, (k, v)) in kv.keys.iter_mut().zip(kv.values.iter_mut()).enumerate() {
+        *k = f16::from_f32(((i * 7) % 23) as f32 * 0.02 - 0.2);
+        *v = f16::from_f32(((i * 5) % 19) as f32 * 0.03 - 0.25);
+    }
+    let mut tokens: Vec<[u32; 1]> = (0..seqs).map(|s| [100 + s as u32 * 13]).collect();
+    let mut logits = Vec::new();
+    let mut step = |pos: usize, tokens: &mut Vec<[u32; 1]>, logits: &mut Vec<f32>| {
+        let spans: Vec<Span<'_>> = tokens
+            .iter()
+            .enumerate()
+            .map(|(s, t)| Span {
+                seq: s,
+                start_pos: pos,
+                tokens: t,
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        m.forward_into(&spans, &mut kv, logits).unwrap();
+        let v = c.vocab_size;
+        let next: Vec<u32> = (0..seqs)
+            .map(|s| argmax(&logits[s * v..(s + 1) * v]))
+            .collect();
+        for (t, n) in tokens.iter_mut().zip(next) {
+            t[0] = n;
+        }
+    };
+    step(ctx, &mut tokens, &mut logits);
+    let t0 = Instant::now();
+    for i in 1..steps {
+        step(ctx + i, &mut tokens, &mut logits);
+    }
+    let dt = t0.elapsed().as_secs_f64() / (steps - 1) as f64;
+    let peak_now = peak.max(peak_fma_gflops(kern, 3));
+    let limit = peak_now * 1e9 / (2.0 * c.num_parameters() as f64);
+    let tps = seqs as f64 / dt;
+    println!(
+        "\ndecode, default model f16, batch {seqs} at {ctx} positions (model alone): {:.1} ms/step = {tps:.0} tokens/s; FMA peak {peak_now:.0} GFLOP/s => compute limit {limit:.0} tokens/s; at {:.0}% of it",
+        dt * 1e3,
+        100.0 * tps / limit
     );
 }
 

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Weight rows per cache block: the block's weights stay in L2 while all rows stream past.
 const COL_BLOCK: usize = 96;
-/// From this many rows on, the AVX-512 path widens each 6-row weight panel to f32 once and
-/// sweeps every activation row past it: converting in the inner loop would compete with the
-/// multiply-adds for the same execution ports.
+/// From this many rows on, the AVX-512 path sweeps every activation row past each 6-row weight
+/// panel, 4 rows at a time (both operands read in place, or packed and widened first, see
+/// `x86::in_place`).
 const PACK_MIN_ROWS: usize = 16;
 /// Columns of the wide-panel path's register tile.
 const NR_PACKED: usize = 6;
@@ -271,9 +271,13 @@ fn projections<T: Elem>(
     if packed {
         XPACK.with(|cell| {
             let mut xpk = cell.borrow_mut();
-            // SAFETY: `packed` implies AVX-512.
-            unsafe { pack_rows(x, m, k, &mut xpk) };
-            let xpk = &xpk[..];
+            let acts = if x86::in_place() && k.is_multiple_of(LANES) {
+                x86::Acts::InPlace(x)
+            } else {
+                // SAFETY: `packed` implies AVX-512.
+                unsafe { pack_rows(x, m, k, &mut xpk) };
+                x86::Acts::Packed(&xpk[..])
+            };
             let job = |_: usize| {
                 pieces(&mut |p, cols| {
                     // SAFETY: each thread writes only its columns of every row; AVX-512 is
@@ -286,7 +290,7 @@ fn projections<T: Elem>(
                             bias: p.bias,
                             round: mode == Output::Round,
                         };
-                        x86::packed_avx512(xpk, m, k, p.w, cols, &sink);
+                        x86::packed_avx512(acts, m, k, p.w, cols, &sink);
                     }
                 });
             };
@@ -534,14 +538,65 @@ mod x86 {
         *STREAM.get_or_init(|| match std::env::var("HALFSTEP_ONE_ROW").as_deref() {
             Ok("stream") => true,
             Ok("tiles") => false,
-            _ => {
-                // SAFETY: CPUID leaf 0 exists on every x86_64 CPU.
-                #[allow(unused_unsafe)]
-                let id = unsafe { __cpuid(0) };
-                // "AuthenticAMD": the vendor string is split over ebx, edx, ecx.
-                (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
-            }
+            _ => is_amd(),
         })
+    }
+
+    /// Whether the wide-panel path reads both operands in place (activation rows as given,
+    /// f16/bf16 weights as stored, converted in the inner loop) rather than packing the
+    /// activations and widening each weight panel to f32 first: on AMD CPUs, unless
+    /// `HALFSTEP_PANEL` says `in-place` or `packed`.
+    ///
+    /// Both give the same bits (the conversion is exact, the adds are the same). On Zen 4 the
+    /// conversions run beside the multiply-adds and four row streams load as fast as one: in a
+    /// standalone loop a 4 × 6 tile converting its 6 weight vectors per 24 multiply-adds, from
+    /// row-major activations in L2, ran at 96–98% of the register-only FMA peak, as fast as
+    /// with packed f32 operands, so packing and widening (7% and, serial on the caller, 2–4% of
+    /// 64-stream decode) were pure cost. On Sapphire Rapids the conversions share ports with
+    /// the multiply-adds.
+    pub(super) fn in_place() -> bool {
+        static IN_PLACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *IN_PLACE.get_or_init(|| match std::env::var("HALFSTEP_PANEL").as_deref() {
+            Ok("in-place") => true,
+            Ok("packed") => false,
+            _ => is_amd(),
+        })
+    }
+
+    /// The activations of the wide-panel path.
+    #[derive(Clone, Copy)]
+    pub(super) enum Acts<'a> {
+        /// The `m × k` rows as given, `k` whole chunks; weights are then read as stored too.
+        InPlace(&'a [f32]),
+        /// Packed by [`pack_rows`]; weight panels are then widened to f32.
+        Packed(&'a [Chunk]),
+    }
+
+    impl Acts<'_> {
+        /// Where row `r` of tile `t` starts and how many f32 separate its chunks (rows past
+        /// `m` repeat the last row: their sums are never stored).
+        fn row(&self, t: usize, r: usize, m: usize, k: usize) -> (*const f32, usize) {
+            match *self {
+                Acts::InPlace(x) => {
+                    let row = (t * PACK_MR + r).min(m - 1);
+                    (x[row * k..].as_ptr(), LANES)
+                }
+                Acts::Packed(xpk) => {
+                    let kc = k.div_ceil(LANES);
+                    let tile = &xpk[t * kc * PACK_MR..(t + 1) * kc * PACK_MR];
+                    (tile[r..].as_ptr() as *const f32, PACK_MR * LANES)
+                }
+            }
+        }
+    }
+
+    /// Whether the CPU's vendor string is "AuthenticAMD".
+    fn is_amd() -> bool {
+        // SAFETY: CPUID leaf 0 exists on every x86_64 CPU.
+        #[allow(unused_unsafe)]
+        let id = unsafe { __cpuid(0) };
+        // The vendor string is split over ebx, edx, ecx.
+        (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
     }
 
     /// Columns `cols` of row `r0`, one column at a time (`stream`) or in column tiles.
@@ -671,15 +726,24 @@ mod x86 {
     /// Long reductions are walked in k-blocks so a panel and an activation tile fit in L1
     /// together; each tile's lane accumulators wait in memory between blocks and resume, so
     /// every lane still adds its products in increasing k (the same bits).
+    ///
+    /// With activations in place (see [`in_place`]) full weight panels are read as stored,
+    /// converted in the inner loop; otherwise they are widened to f32 first.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn packed_avx512<T: Elem>(
-        xpk: &[Chunk],
+        acts: Acts<'_>,
         m: usize,
         k: usize,
         w: &[T],
         cols: std::ops::Range<usize>,
         sink: &Sink<'_, T>,
     ) {
+        let direct = matches!(acts, Acts::InPlace(_));
+        // A partial last chunk would read into the next row.
+        assert!(
+            !direct || k.is_multiple_of(LANES),
+            "in-place activations need whole chunks"
+        );
         const KB: usize = 48;
         let kc = k.div_ceil(LANES);
         let tiles = m.div_ceil(PACK_MR);
@@ -705,13 +769,16 @@ mod x86 {
             let mut j = cols.start;
             while j < cols.end {
                 let nr = (cols.end - j).min(NR512);
-                for dj in 0..nr {
-                    widen_row(
-                        &w[(j + dj) * k..(j + dj + 1) * k],
-                        &mut panel[dj * kc..(dj + 1) * kc],
-                    );
+                if !direct || nr < NR512 {
+                    for dj in 0..nr {
+                        widen_row(
+                            &w[(j + dj) * k..(j + dj + 1) * k],
+                            &mut panel[dj * kc..(dj + 1) * kc],
+                        );
+                    }
                 }
                 if nr == NR512 {
+                    let wj = &w[j * k..(j + NR512) * k];
                     let (bias4, bias2) = sink.biases(j);
                     // Columns 4 and 5 of the tile before, waiting to share one full reduction
                     // with the next tile's.
@@ -734,7 +801,7 @@ mod x86 {
                                 _mm_prefetch::<_MM_HINT_T1>(nbase.wrapping_add(line * 64));
                                 line += 1;
                             }
-                            let xt = &xpk[t * kc * PACK_MR..(t + 1) * kc * PACK_MR];
+                            let xt = tile_rows(&acts, t, m, k);
                             // Accumulators start at zero and go through memory only between
                             // k-blocks of long reductions.
                             let mut acc = if c0 == 0 {
@@ -742,7 +809,18 @@ mod x86 {
                             } else {
                                 saved[t - t0]
                             };
-                            packed_tile::<NR512>(xt, kc, panel, c0..c1, &mut acc);
+                            if direct {
+                                packed_tile::<T, NR512, true>(&xt, kc, panel, wj, c0..c1, &mut acc);
+                            } else {
+                                packed_tile::<T, NR512, false>(
+                                    &xt,
+                                    kc,
+                                    panel,
+                                    wj,
+                                    c0..c1,
+                                    &mut acc,
+                                );
+                            }
                             if c1 < kc {
                                 saved[t - t0] = acc;
                                 continue;
@@ -780,12 +858,13 @@ mod x86 {
                     // Column tail: one panel row at a time, whole k (a short panel fits L1).
                     for dj in 0..nr {
                         for t in t0..t1 {
-                            let xt = &xpk[t * kc * PACK_MR..(t + 1) * kc * PACK_MR];
+                            let xt = tile_rows(&acts, t, m, k);
                             let mut acc = [[_mm512_setzero_ps(); 1]; PACK_MR];
-                            packed_tile::<1>(
-                                xt,
+                            packed_tile::<T, 1, false>(
+                                &xt,
                                 kc,
                                 &panel[dj * kc..(dj + 1) * kc],
+                                &[],
                                 0..kc,
                                 &mut acc,
                             );
@@ -832,33 +911,52 @@ mod x86 {
         }
     }
 
-    /// Adds chunks `chunks` of one tile of 4 packed activation rows against `NR` panel rows
-    /// of `kc` chunks into `acc`. Zero padding adds fma(0, 0, acc) = acc, as the striped
-    /// dot's padded tail.
+    /// The 4 rows of activation tile `t`: where each starts, and the f32 step between chunks.
+    #[inline]
+    fn tile_rows(acts: &Acts<'_>, t: usize, m: usize, k: usize) -> ([*const f32; PACK_MR], usize) {
+        let mut rows = [std::ptr::null(); PACK_MR];
+        let mut step = 0;
+        for (r, p) in rows.iter_mut().enumerate() {
+            (*p, step) = acts.row(t, r, m, k);
+        }
+        (rows, step)
+    }
+
+    /// Adds chunks `chunks` of one tile of 4 activation rows (`xt`: their starts and chunk
+    /// step) against `NR` weight rows into `acc`: rows of the widened `panel` (`kc` chunks
+    /// each), or with `DIRECT` the rows of `w` as stored (`kc` whole chunks each). Zero padding
+    /// adds fma(0, 0, acc) = acc, as the striped dot's padded tail.
     ///
     /// Each chunk loads 10 vectors for 24 multiply-adds. On Sapphire Rapids that mix, with
     /// every operand in L1, ran at about 81% of the register-only FMA peak in a standalone
     /// loop (4 loads per 24: 93%); no dot-form tile that fits 32 registers loads fewer.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn packed_tile<const NR: usize>(
-        xt: &[Chunk],
+    unsafe fn packed_tile<T: Elem, const NR: usize, const DIRECT: bool>(
+        xt: &([*const f32; PACK_MR], usize),
         kc: usize,
         panel: &[Chunk],
+        w: &[T],
         chunks: std::ops::Range<usize>,
         acc: &mut [[__m512; NR]; PACK_MR],
     ) {
         const MR: usize = PACK_MR;
         let mut a = *acc;
-        let xp = xt.as_ptr() as *const f32;
+        let (xr, step) = *xt;
         let pp = panel.as_ptr() as *const f32;
+        let wp = w.as_ptr();
+        let k = kc * LANES;
         for c in chunks {
             let mut xv = [_mm512_setzero_ps(); MR];
             for (r, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_load_ps(xp.add((c * MR + r) * LANES));
+                *v = _mm512_loadu_ps(xr[r].add(c * step));
             }
             for j in 0..NR {
-                let wv = _mm512_load_ps(pp.add((j * kc + c) * LANES));
+                let wv = if DIRECT {
+                    load16_512(wp.add(j * k + c * LANES))
+                } else {
+                    _mm512_load_ps(pp.add((j * kc + c) * LANES))
+                };
                 for r in 0..MR {
                     a[r][j] = _mm512_fmadd_ps(xv[r], wv, a[r][j]);
                 }
@@ -1213,6 +1311,78 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn panels_match_portable<T: Elem>() {
+        if SimdLevel::detect() < SimdLevel::Avx512 {
+            eprintln!("no AVX-512 here: wide-panel layouts not compared");
+            return;
+        }
+        // Whole chunks (read in place or packed), a tail chunk (packed only), k-blocks (1536 =
+        // 2 blocks), odd tile counts and partial last tiles, and partial last panels.
+        for (m, k, n) in [
+            (16, 576, 12),
+            (17, 576, 13),
+            (21, 100, 7),
+            (23, 1536, 8),
+            (18, 64, 6),
+        ] {
+            let x = values(m * k, 3);
+            let w: Vec<T> = values(n * k, 4).into_iter().map(T::from_f32).collect();
+            let bias: Vec<T> = values(n, 5).into_iter().map(T::from_f32).collect();
+            for (with_bias, round) in [(false, false), (true, true)] {
+                let b = with_bias.then_some(&bias[..]);
+                let want: Vec<u32> = (0..m * n)
+                    .map(|i| {
+                        let (r, j) = (i / n, i % n);
+                        let mut v = dot_portable(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]);
+                        if let Some(b) = b {
+                            v += b[j].to_f32();
+                        }
+                        if round {
+                            v = T::round(v);
+                        }
+                        v.to_bits()
+                    })
+                    .collect();
+                for direct in [true, false] {
+                    if direct && !k.is_multiple_of(LANES) {
+                        continue;
+                    }
+                    let mut out = vec![f32::NAN; m * n];
+                    let mut xpk = Vec::new();
+                    let sink = x86::Sink {
+                        out: out.as_mut_ptr(),
+                        n,
+                        m,
+                        bias: b,
+                        round,
+                    };
+                    // SAFETY: AVX-512 checked above; `out` holds m × n, `xpk` is packed from
+                    // m × k activations, `w` holds n rows of k.
+                    unsafe {
+                        let acts = if direct {
+                            x86::Acts::InPlace(&x)
+                        } else {
+                            pack_rows(&x, m, k, &mut xpk);
+                            x86::Acts::Packed(&xpk)
+                        };
+                        x86::packed_avx512(acts, m, k, &w, 0..n, &sink);
+                    }
+                    let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(
+                        got, want,
+                        "m {m}, k {k}, n {n}, bias {with_bias}, direct {direct}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn in_place_and_packed_operands_give_the_portable_bits() {
+        panels_match_portable::<f16>();
+        panels_match_portable::<bf16>();
     }
 
     #[test]

@@ -330,6 +330,11 @@ mod x86 {
             prefetch_rows(k, kv_dim, kvhs.start * hd, kvhs.len() * hd);
             prefetch_rows(v, kv_dim, kvhs.start * hd, kvhs.len() * hd);
         }
+        // Keys read in place, converted in the inner loop, 8 at a time for up to 3 heads (see
+        // `score_keys`); other head widths go through the key buffer.
+        let in_place = avx512 && hd.is_multiple_of(16);
+        let step = if in_place { 8 } else { block };
+        let mut pending = Pending::default();
         {
             let qpad = &qpad[..];
             let kbuf = &mut kbuf[..block * hdp];
@@ -354,7 +359,7 @@ mod x86 {
                 }
                 let mut b = 0;
                 while b < n {
-                    let nb = (n - b).min(block);
+                    let nb = (n - b).min(step);
                     for (s, kvh) in kvhs.clone().enumerate() {
                         let sb = ScoreBlock {
                             qpad: &qpad[s * g * hdp..(s + 1) * g * hdp],
@@ -369,7 +374,11 @@ mod x86 {
                         let dst = &mut scores[s * g * len..(s + 1) * g * len];
                         // SAFETY: the caller checked the CPU features.
                         unsafe {
-                            if avx512 {
+                            if in_place {
+                                let keys = &keys[b * kv_dim + kvh * hd..];
+                                let at = dst.as_mut_ptr().add(p0 + b);
+                                score_keys(sb, keys, nb, at, &mut ahead, &mut pending);
+                            } else if avx512 {
                                 score_block(sb, keys, b, nb, kbuf, dst, p0 + b, &mut ahead);
                             } else {
                                 avx2::score_block(sb, keys, b, nb, kbuf, dst, p0 + b)
@@ -379,6 +388,8 @@ mod x86 {
                     b += nb;
                 }
             }
+            // SAFETY: AVX-512 where anything is pending (only `score_keys` leaves a row).
+            unsafe { pending.flush(scale) };
         }
         if avx512 {
             softmax_rows(&mut scores[..heads * len], len, sums);
@@ -603,6 +614,136 @@ mod x86 {
             }
             let r = _mm512_mul_ps(reduce16x16(&acc), _mm512_set1_ps(scale));
             _mm512_mask_storeu_ps(scores.as_mut_ptr().add(h * len + pos), lanes(nb), r);
+        }
+    }
+
+    /// Up to 8 keys' scores of one head, waiting for a second such row to share a transposing
+    /// reduction: the dot partials of each key, where they go, and how many keys there are.
+    struct Row {
+        sums: [__m512; 8],
+        dst: *mut f32,
+        n: usize,
+    }
+
+    /// The row waiting for its partner in [`score_keys`]; flushed once a work item is scored.
+    #[derive(Default)]
+    struct Pending(Option<Row>);
+
+    impl Pending {
+        /// Adds `row`: reduces it with the waiting one, or waits.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn push(&mut self, row: Row, scale: f32) {
+            match self.0.take() {
+                Some(first) => store_rows(&first, Some(&row), scale),
+                None => self.0 = Some(row),
+            }
+        }
+
+        /// Stores a row still waiting, reduced alone.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn flush(&mut self, scale: f32) {
+            if let Some(row) = self.0.take() {
+                store_rows(&row, None, scale);
+            }
+        }
+    }
+
+    /// Scores of two rows (or one) through one transposing reduction: lanes 0..8 of it are row
+    /// `a`'s keys, lanes 8..16 row `b`'s; each key's sum is its own fixed tree either way.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn store_rows(a: &Row, b: Option<&Row>, scale: f32) {
+        let mut v = [_mm512_setzero_ps(); 16];
+        for o in 0..16 {
+            // Lane o of the reduction is the sum of v[(o % 4) · 4 + o / 4].
+            let src = if o < 8 {
+                a.sums[o]
+            } else if let Some(b) = b {
+                b.sums[o - 8]
+            } else {
+                continue;
+            };
+            v[(o % 4) * 4 + o / 4] = src;
+        }
+        let r = _mm512_mul_ps(reduce16x16(&v), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(a.dst, lanes(a.n), r);
+        if let Some(b) = b {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(r)));
+            _mm256_mask_storeu_ps(b.dst, lanes(b.n) as __mmask8, hi);
+        }
+    }
+
+    /// Scores of the `nb` (≤ 8) keys at `keys` (rows `kv_dim` apart, this K/V head's columns
+    /// first) for every head of the group, stored from `at` (head h's row `len` further on
+    /// each); `ahead` takes a step per key.
+    ///
+    /// The keys are converted as they are loaded, in the inner loop, and 8 keys × 3 heads of
+    /// accumulators stay in registers: each loaded key vector serves 3 multiply-adds and
+    /// nothing goes through memory, where [`score_block`] widens 16 keys into a buffer and
+    /// reloads each for every head.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn score_keys<T: Elem>(
+        sb: ScoreBlock<'_>,
+        keys: &[T],
+        nb: usize,
+        at: *mut f32,
+        ahead: &mut Ahead,
+        pending: &mut Pending,
+    ) {
+        for _ in 0..nb {
+            ahead.step();
+        }
+        // Missing keys repeat the last one; their lanes are never stored.
+        let mut kp = [keys.as_ptr(); 8];
+        for (j, p) in kp.iter_mut().enumerate() {
+            *p = keys.as_ptr().add(j.min(nb - 1) * sb.kv_dim);
+        }
+        let mut h0 = 0;
+        while h0 < sb.g {
+            let hg = (sb.g - h0).min(3);
+            match hg {
+                1 => head_scores::<T, 1>(sb, &kp, nb, h0, at, pending),
+                2 => head_scores::<T, 2>(sb, &kp, nb, h0, at, pending),
+                _ => head_scores::<T, 3>(sb, &kp, nb, h0, at, pending),
+            }
+            h0 += hg;
+        }
+    }
+
+    /// [`score_keys`] for heads `h0..h0 + G` of the group.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn head_scores<T: Elem, const G: usize>(
+        sb: ScoreBlock<'_>,
+        kp: &[*const T; 8],
+        nb: usize,
+        h0: usize,
+        at: *mut f32,
+        pending: &mut Pending,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 8]; G];
+        let qp = sb.qpad.as_ptr().add(h0 * sb.hdp);
+        for c in 0..sb.hd / 16 {
+            let mut q = [_mm512_setzero_ps(); G];
+            for h in 0..G {
+                q[h] = _mm512_loadu_ps(qp.add(h * sb.hdp + c * 16));
+            }
+            for j in 0..8 {
+                let k = load16_512(kp[j].add(c * 16));
+                for h in 0..G {
+                    acc[h][j] = _mm512_fmadd_ps(q[h], k, acc[h][j]);
+                }
+            }
+        }
+        for h in 0..G {
+            let row = Row {
+                sums: acc[h],
+                dst: at.add((h0 + h) * sb.len),
+                n: nb,
+            };
+            pending.push(row, sb.scale);
         }
     }
 

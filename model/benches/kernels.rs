@@ -89,6 +89,25 @@ struct PoolKv {
 }
 
 impl PoolKv {
+    /// Zeroed K/V for `seqs` sequences of `positions` each over `layers` layers, in blocks of
+    /// `block_size`. Block b of sequence s is id b·seqs + s: neighbours in a table are far
+    /// apart, as when a pool fills with interleaved sequences.
+    fn new(layers: usize, seqs: usize, positions: usize, kv_dim: usize, block_size: usize) -> Self {
+        let per_seq = positions.div_ceil(block_size);
+        let num_blocks = seqs * per_seq;
+        let n = layers * num_blocks * block_size * kv_dim;
+        PoolKv {
+            kv_dim,
+            block_size,
+            num_blocks,
+            keys: halfstep_model::mem::huge_vec(n, f16::ZERO),
+            values: halfstep_model::mem::huge_vec(n, f16::ZERO),
+            tables: (0..seqs)
+                .map(|s| (0..per_seq).map(|b| b * seqs + s).collect())
+                .collect(),
+        }
+    }
+
     fn offset(&self, layer: usize, block: usize, slot: usize) -> usize {
         ((layer * self.num_blocks + block) * self.block_size + slot) * self.kv_dim
     }
@@ -139,20 +158,7 @@ fn attention_us(kern: &Kernels, layers: usize, seqs: usize, rounds: usize) -> f6
         head_dim: 64,
     };
     let kvd = 192;
-    let per_seq = ctx.div_ceil(bs);
-    let num_blocks = seqs * per_seq;
-    let n = layers * num_blocks * bs * kvd;
-    let mut kv = PoolKv {
-        kv_dim: kvd,
-        block_size: bs,
-        num_blocks,
-        keys: halfstep_model::mem::huge_vec(n, f16::ZERO),
-        values: halfstep_model::mem::huge_vec(n, f16::ZERO),
-        // Block b of sequence s is id b·seqs + s: neighbours in a table are far apart.
-        tables: (0..seqs)
-            .map(|s| (0..per_seq).map(|b| b * seqs + s).collect())
-            .collect(),
-    };
+    let mut kv = PoolKv::new(layers, seqs, ctx, kvd, bs);
     let row: Vec<f16> = (0..kvd)
         .map(|i| f16::from_f32((i % 7) as f32 * 0.1))
         .collect();
@@ -407,20 +413,7 @@ fn main() {
 fn decode_batch_bench(m: &Model<f16>, kern: &Kernels, peak: f64) {
     let c = m.config().clone();
     let (seqs, ctx, steps, bs) = (64usize, 160usize, 16usize, 16usize);
-    let kvd = c.kv_dim();
-    let per_seq = (ctx + steps).div_ceil(bs);
-    let num_blocks = seqs * per_seq;
-    let n = c.num_hidden_layers * num_blocks * bs * kvd;
-    let mut kv = PoolKv {
-        kv_dim: kvd,
-        block_size: bs,
-        num_blocks,
-        keys: halfstep_model::mem::huge_vec(n, f16::ZERO),
-        values: halfstep_model::mem::huge_vec(n, f16::ZERO),
-        tables: (0..seqs)
-            .map(|s| (0..per_seq).map(|b| b * seqs + s).collect())
-            .collect(),
-    };
+    let mut kv = PoolKv::new(c.num_hidden_layers, seqs, ctx + steps, c.kv_dim(), bs);
     for (i, (k, v)) in kv.keys.iter_mut().zip(kv.values.iter_mut()).enumerate() {
         *k = f16::from_f32(((i * 7) % 23) as f32 * 0.02 - 0.2);
         *v = f16::from_f32(((i * 5) % 19) as f32 * 0.03 - 0.25);

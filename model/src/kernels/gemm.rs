@@ -5,9 +5,9 @@
 //! split over output columns, never over the reduction axis.
 
 use super::dot::{dot_portable, LANES};
+use super::share::Shares;
 use super::{Kernels, SharedOut, SimdLevel};
 use crate::dtype::Elem;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Weight rows per cache block: the block's weights stay in L2 while all rows stream past.
 const COL_BLOCK: usize = 96;
@@ -17,6 +17,13 @@ const COL_BLOCK: usize = 96;
 const PACK_MIN_ROWS: usize = 16;
 /// Columns of the wide-panel path's register tile.
 const NR_PACKED: usize = 6;
+/// Weight bytes a thread claims at a time on the one-row paths (bound by reading the weights).
+const PIECE_BYTES: usize = 64 << 10;
+/// Multiply-adds a thread claims at a time on the wide-panel paths, in at least
+/// [`PIECE_MIN_COLS`] columns.
+const PIECE_MACS: usize = 1 << 21;
+/// Fewest columns a wide-panel thread claims at a time.
+const PIECE_MIN_COLS: usize = 48;
 /// Below this many multiply-adds a call runs on one thread (waking workers costs more).
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// From this many rows on, `--kernels fast` runs products on AMX tiles (16 rows per tile;
@@ -192,23 +199,24 @@ fn projections<T: Elem>(
         && super::amx::available();
     #[cfg(not(target_arch = "x86_64"))]
     let amx = false;
-    // Every path but AMX splits the columns evenly: each thread streams one contiguous range
-    // of weights, which the prefetchers follow best. Measured with 2 threads on Sapphire
-    // Rapids against ranges handed out from a shared counter (half an even share of what is
-    // left, at least 24 columns), one binary, alternating runs: decode batch 1 from DRAM 3-4%
-    // less time per token (8 of 8 pairs), the engine bench 2-4% more tokens/s at 1 and 8
-    // streams, bench-serve over HTTP 2-5% at 1 and 8 clients. Compute-bound calls on the
-    // packed path had lost 3-5% to that chunking too. The AMX path hands out panels itself
-    // (see `amx::Panels`).
-    let share = total.div_ceil(threads).div_ceil(NR_PACKED) * NR_PACKED;
-    let next = AtomicUsize::new(0);
-    let take = || {
-        let start = next.fetch_add(share, Ordering::Relaxed);
-        (start < total).then(|| start..(start + share).min(total))
+    // Every path but AMX gives each thread an even contiguous share of the columns, walked in
+    // pieces, and a thread whose share is done takes over the back half of a slower one's (see
+    // `share`). Each thread still streams forward ranges of weights, which the prefetchers
+    // follow best: measured with 2 threads on Sapphire Rapids, ranges handed out from a shared
+    // counter (half an even share of what is left, at least 24 columns) cost batch-1 decode
+    // 3-4% per token against fixed even shares, and compute-bound calls 3-5%. Taking over only
+    // the tail, on Zen 4, batch-1 decode (one binary, 12 alternating rounds of 24 tokens): the
+    // caller's wait for the other thread went from 600-700 to 320-390 µs per token, 1-4% less
+    // time per token. The AMX path hands out panels itself (see `amx::Panels`).
+    let piece = if m < PACK_MIN_ROWS {
+        (PIECE_BYTES / (k * std::mem::size_of::<T>()).max(1)).max(1)
+    } else {
+        (PIECE_MACS / (m * k).max(1)).max(PIECE_MIN_COLS)
     };
-    // Calls `f(projection, local columns)` for each piece of every range this thread takes.
-    let pieces = |f: &mut dyn FnMut(&Part<'_, T>, std::ops::Range<usize>)| {
-        while let Some(g) = take() {
+    let shares = Shares::new(total, threads, piece, NR_PACKED);
+    // Calls `f(projection, local columns)` for each piece of every range thread `t` takes.
+    let pieces = |t: usize, f: &mut dyn FnMut(&Part<'_, T>, std::ops::Range<usize>)| {
+        while let Some(g) = shares.next(t) {
             for p in parts.iter().flatten() {
                 let (a, b) = (g.start.max(p.first), g.end.min(p.first + p.n));
                 if a < b {
@@ -278,8 +286,8 @@ fn projections<T: Elem>(
                 unsafe { pack_rows(x, m, k, &mut xpk) };
                 x86::Acts::Packed(&xpk[..])
             };
-            let job = |_: usize| {
-                pieces(&mut |p, cols| {
+            let job = |t: usize| {
+                pieces(t, &mut |p, cols| {
                     // SAFETY: each thread writes only its columns of every row; AVX-512 is
                     // available at this level.
                     unsafe {
@@ -298,8 +306,8 @@ fn projections<T: Elem>(
         });
         return false;
     }
-    let job = |_: usize| {
-        pieces(&mut |p, cols| {
+    let job = |t: usize| {
+        pieces(t, &mut |p, cols| {
             // SAFETY: each thread writes only its columns of every row.
             unsafe { matmul_cols(level, x, m, k, p.w, p.n, p.bias, mode, p.out.get(), cols) };
         });
@@ -499,10 +507,10 @@ mod x86 {
     /// tiles (4 accumulator pairs).
     const MR256: usize = 2;
     const NR256: usize = 2;
-    /// How far ahead a one-row product asks for weights, in bytes: it reads one weight row
-    /// after the other, so this runs ahead into the following rows. Measured on Zen 3 from DRAM
-    /// (2 threads): 2.3–3.5 KB ahead reached 85–90% of a plain sequential read, none 72%; on
-    /// Zen 4 (AVX-512) 2–4 KB ahead and none both read at about 95% of it.
+    /// How far ahead an AVX2 one-row product asks for weights, in bytes: it reads one weight
+    /// row after the other, so this runs ahead into the following rows. Measured on Zen 3 from
+    /// DRAM (2 threads): 2.3–3.5 KB ahead reached 85–90% of a plain sequential read, none 72%.
+    /// (On Zen 4 the AVX-512 stream is faster without it, see `tile512`.)
     const PF_ONE_BYTES: usize = 3456;
 
     pub(super) unsafe fn block_avx512<T: Elem>(
@@ -665,8 +673,12 @@ mod x86 {
         let wp = w.as_ptr().add(j0 * k);
         let full = k - k % LANES;
         // A one-row product that reads one weight row after the other as a single stream (see
-        // `one_row_stream`) asks for the line a fixed distance ahead, like the AVX2 path.
-        // Column tiles read NR rows interleaved; on Zen 4 that pattern read DRAM at about 20
+        // `one_row_stream`) leaves the reads to the hardware prefetchers: on Zen 4, asking for
+        // the line 3.4 KB ahead (as the AVX2 path does) made batch-1 decode 6-10% slower (one
+        // binary, 12 alternating rounds of 24 tokens, 11 of 12 won without it; a standalone
+        // loop over the model's matrices with 2 threads agreed). Two or four such streams side
+        // by side (halves or quarters of a thread's columns, to hide the accumulator's FMA
+        // latency) were 10-15% slower than one. Column tiles read NR rows interleaved; on Zen 4 that pattern read DRAM at about 20
         // GB/s against 50 for one stream, whatever was prefetched (measured with 2 threads on
         // the default model's matrices), which is why decode there does not use them.
         //
@@ -674,8 +686,7 @@ mod x86 {
         // the same lines four tiles ahead into L2, which keeps more lines in flight than the
         // line-fill buffers alone allow (measured on Sapphire Rapids: lm_head from DRAM 27 → 30
         // GB/s; cache-hot products lose a little to the extra instructions).
-        let one = MR == 1 && NR == 1;
-        let ahead = PF_ONE_BYTES / std::mem::size_of::<T>();
+        let stream = MR == 1 && NR == 1;
         let pf = NR * k;
         let line = (64 / std::mem::size_of::<T>()).max(LANES);
         let mut c = 0;
@@ -684,11 +695,8 @@ mod x86 {
             for (r, v) in xv.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(xp.add(r * k + c));
             }
-            if one && c % line == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(c + ahead) as *const i8);
-            }
             for j in 0..NR {
-                if !one && c % line == 0 {
+                if !stream && c % line == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j * k + c + pf) as *const i8);
                     _mm_prefetch::<_MM_HINT_T2>(wp.wrapping_add(j * k + c + 4 * pf) as *const i8);
                 }
@@ -787,8 +795,10 @@ mod x86 {
                     let mut pending: Option<(usize, [__m512; 8])> = None;
                     // The next panel's weights come from memory (decode reads every weight
                     // once a step): fetch them a few lines per tile while this panel computes,
-                    // so widening it does not stall.
-                    let next = (j + NR512).min(cols.end)..(j + 2 * NR512).min(cols.end);
+                    // so widening it does not stall. Past the end of `cols` too: the thread's
+                    // next piece usually starts there.
+                    let n = w.len() / k;
+                    let next = (j + NR512).min(n)..(j + 2 * NR512).min(n);
                     let nbytes = next.len() * k * std::mem::size_of::<T>();
                     let nbase = w.as_ptr().wrapping_add(next.start * k) as *const i8;
                     let lines = nbytes.div_ceil(64);

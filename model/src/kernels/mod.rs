@@ -15,6 +15,7 @@ pub mod norm;
 pub mod pool;
 pub mod rope;
 pub mod round;
+pub mod share;
 pub mod softmax;
 
 use std::sync::{Arc, OnceLock};

@@ -18,7 +18,9 @@ const PACK_MIN_ROWS: usize = 16;
 /// Columns of the wide-panel path's register tile.
 const NR_PACKED: usize = 6;
 /// Weight bytes a thread claims at a time on the one-row paths (bound by reading the weights).
-const PIECE_BYTES: usize = 64 << 10;
+/// Batch-1 decode on Zen 4, 12 alternating rounds of 24 tokens in one process, twice: 128 and
+/// 256 KB about 2% less time per token than 32 and 64 KB.
+const PIECE_BYTES: usize = 128 << 10;
 /// Multiply-adds a thread claims at a time on the wide-panel paths, in at least
 /// [`PIECE_MIN_COLS`] columns.
 const PIECE_MACS: usize = 1 << 21;
@@ -677,8 +679,8 @@ mod x86 {
         // the line 3.4 KB ahead (as the AVX2 path does) made batch-1 decode 6-10% slower (one
         // binary, 12 alternating rounds of 24 tokens, 11 of 12 won without it; a standalone
         // loop over the model's matrices with 2 threads agreed). Two or four such streams side
-        // by side (halves or quarters of a thread's columns, to hide the accumulator's FMA
-        // latency) were 10-15% slower than one. Column tiles read NR rows interleaved; on Zen 4 that pattern read DRAM at about 20
+        // by side (halves or quarters of a piece's columns, to hide the accumulator's FMA
+        // latency) were 2-15% slower than one. Column tiles read NR rows interleaved; on Zen 4 that pattern read DRAM at about 20
         // GB/s against 50 for one stream, whatever was prefetched (measured with 2 threads on
         // the default model's matrices), which is why decode there does not use them.
         //

@@ -680,9 +680,10 @@ mod x86 {
         // binary, 12 alternating rounds of 24 tokens, 11 of 12 won without it; a standalone
         // loop over the model's matrices with 2 threads agreed). Two or four such streams side
         // by side (halves or quarters of a piece's columns, to hide the accumulator's FMA
-        // latency) were 2-15% slower than one. Column tiles read NR rows interleaved; on Zen 4 that pattern read DRAM at about 20
-        // GB/s against 50 for one stream, whatever was prefetched (measured with 2 threads on
-        // the default model's matrices), which is why decode there does not use them.
+        // latency) were 2-15% slower than one. Column tiles read NR rows interleaved; on Zen 4
+        // that pattern read DRAM at about 20 GB/s against 50 for one stream, whatever was
+        // prefetched (measured with 2 threads on the default model's matrices), which is why
+        // decode there does not use them.
         //
         // Column tiles prefetch the next tile's weights once per row and 64-byte line, and
         // the same lines four tiles ahead into L2, which keeps more lines in flight than the

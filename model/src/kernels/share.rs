@@ -31,8 +31,6 @@ pub struct Shares {
     threads: usize,
     piece: usize,
     align: usize,
-    /// Whether each thread has a share of its own (at most [`MAX_THREADS`] threads).
-    tracked: bool,
 }
 
 impl Shares {
@@ -62,18 +60,22 @@ impl Shares {
                 false => share.max(1),
             },
             align,
-            tracked,
         }
+    }
+
+    /// Whether each thread has a share of its own (at most [`MAX_THREADS`] threads).
+    fn tracked(&self) -> bool {
+        self.threads <= MAX_THREADS
     }
 
     /// The next columns for thread `t`, or `None` when nothing is left for it.
     pub fn next(&self, t: usize) -> Option<std::ops::Range<usize>> {
-        let own = if self.tracked { t } else { 0 };
+        let own = if self.tracked() { t } else { 0 };
         loop {
             if let Some(r) = self.claim(own) {
                 return Some(r);
             }
-            if !self.tracked || !self.take_from_others(t) {
+            if !self.tracked() || !self.take_from_others(t) {
                 return None;
             }
         }

@@ -145,13 +145,13 @@ impl KvCache<f16> for PoolKv {
     }
 }
 
-/// Decode attention of `seqs` sequences with 200 cached positions each, the default model's
+/// Decode attention of `seqs` sequences with `ctx` cached positions each, the default model's
 /// shape (9 heads, 3 K/V heads of 64) over `layers` layers, in the server's paged layout (blocks
 /// of 16, handed out interleaved across sequences as a pool fills). 64 sequences × 30 layers
 /// (295 MB) fit in no cache level, as in serving; 8 × 1 (1.2 MB) stays in cache and shows the
 /// compute alone. Returns microseconds per layer.
-fn attention_us(kern: &Kernels, layers: usize, seqs: usize, rounds: usize) -> f64 {
-    let (ctx, bs) = (200usize, 16);
+fn attention_us(kern: &Kernels, layers: usize, seqs: usize, ctx: usize, rounds: usize) -> f64 {
+    let bs = 16;
     let shape = AttentionShape {
         n_heads: 9,
         n_kv_heads: 3,
@@ -184,17 +184,30 @@ fn attention_us(kern: &Kernels, layers: usize, seqs: usize, rounds: usize) -> f6
 
 fn attention_bench(kern: &Kernels, bw: f64) {
     println!();
-    let cold = attention_us(kern, 30, 64, 5);
+    let cold = attention_us(kern, 30, 64, 200, 5);
     let gbs = (64 * 200 * 192 * 2 * 2) as f64 / cold / 1e3;
     println!(
         "attention, 64 decode rows x 200 positions (paged f16, 30 layers): {cold:.0} us per layer = {gbs:.1} GB/s of K/V ({:.0}% of read bandwidth)",
         100.0 * gbs / bw
     );
-    let hot = attention_us(kern, 1, 8, 2000);
+    let hot = attention_us(kern, 1, 8, 200, 2000);
     println!(
         "attention in cache, 8 decode rows x 200 positions (1 layer): {hot:.1} us per layer = {:.0} us for 64 rows",
         hot * 8.0
     );
+    // One sequence with a long context, as in batch-1 decode of a long RL rollout, and a few
+    // of them: enough layers that the K/V (at least 128 MB) is out of cache from one pass to
+    // the next, as when the weights stream through between them.
+    for (seqs, ctx) in [(1usize, 256usize), (1, 1024), (1, 4096), (4, 1024)] {
+        let bytes = seqs * ctx * 192 * 2 * 2;
+        let layers = (128usize << 20).div_ceil(bytes).max(30);
+        let us = attention_us(kern, layers, seqs, ctx, 3);
+        let gbs = bytes as f64 / us / 1e3;
+        println!(
+            "attention, {seqs} decode row(s) x {ctx} positions (paged f16, cold): {us:.1} us per layer = {gbs:.1} GB/s of K/V ({:.0}% of read bandwidth)",
+            100.0 * gbs / bw,
+        );
+    }
 }
 
 fn main() {

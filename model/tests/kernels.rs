@@ -656,6 +656,15 @@ fn attention_matches_reference_for_paged_and_contiguous_kv() {
         (shape(8, 2, 128), 40, vec![3, 39]),
         (shape(10, 2, 80), 33, vec![0, 32]),
         (shape(3, 3, 16), 20, vec![19]),
+        // One query token with enough work to share: every thread scores a range of its
+        // positions, whose ends fall inside runs of the paged store.
+        (shape(9, 3, 64), 300, vec![299]),
+        (shape(8, 2, 128), 77, vec![76]),
+        // A few tokens with long contexts: each shared by all threads, one after the other.
+        (shape(9, 3, 64), 300, vec![130, 299]),
+        (shape(9, 3, 64), 300, vec![100, 150, 200, 250, 299]),
+        // A width off whole chunks keeps one item per (token, K/V head).
+        (shape(10, 2, 80), 200, vec![199]),
     ];
     for (s, len, positions) in cases {
         attention_matches_reference::<f32>(s, len, positions.clone());

@@ -6,9 +6,14 @@
 
 use super::dot::dot;
 use super::math::exp;
+use super::pool::SpinBarrier;
 use super::{part_range, Kernels, SimdLevel};
 use crate::dtype::Elem;
 use crate::kv::KvCache;
+
+/// Mean positions per query token from which a few tokens are shared by all threads (see
+/// [`attention`]).
+const SHARED_MIN_LEN: usize = 96;
 
 /// Shape of the attention: heads, K/V heads (GQA), head dimension.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +69,67 @@ pub fn attention<T: Elem>(
         && head_dim <= 256
         && (avx512 || head_dim.is_multiple_of(8))
     {
+        let mean_len = positions.iter().map(|p| p + 1).sum::<usize>() / n_tok.max(1);
+        if avx512
+            && threads > 1
+            && n_tok < 4 * threads
+            && mean_len >= SHARED_MIN_LEN
+            && head_dim.is_multiple_of(16)
+        {
+            // Few tokens with long contexts (decode of a few sequences): all threads work on
+            // each token in turn, each scoring a range of its positions over all K/V heads,
+            // so every thread reads whole rows of the cache in order. One item per (token,
+            // K/V head) instead has each thread read a third of every row, and spreads 3 K/V
+            // heads over 2 threads as 2 + 1. Measured on Zen 4 (cold paged f16 K/V, 2
+            // threads, alternating in one run), µs per layer: 1 token at 256 positions 19-22
+            // → 14-16, at 1024 71-97 → 48-57, at 4096 347-366 → 173-216; 2 tokens at 1024 143
+            // → 94, 7 at 200 153 → 126. Below about 96 positions the barriers cost more than
+            // the reads save (2-7 tokens at 64: 15-25% slower).
+            let max_len = positions.iter().max().map_or(0, |p| p + 1);
+            SHARED_SCORES.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                // Every score is written before it is read: grow, never clear.
+                if buf.len() < n_heads * max_len {
+                    buf.resize(n_heads * max_len, 0.0);
+                }
+                let scores = super::SharedOut::new(&mut buf[..]);
+                let barrier = SpinBarrier::new(threads);
+                let job = |t: usize| {
+                    let _guard = barrier.guard();
+                    SCRATCH.with(|cell| {
+                        let scratch = &mut *cell.borrow_mut();
+                        for i in 0..n_tok {
+                            if i > 0 {
+                                // The last token's weighted values are done with the scores.
+                                barrier.wait();
+                            }
+                            let qi = &q[i * q_dim..(i + 1) * q_dim];
+                            // SAFETY: AVX-512 at this level and whole-chunk heads, checked
+                            // above; `scores` holds n_heads × len and token i's slice of `out`
+                            // n_heads × head_dim, both used only by this call's threads.
+                            unsafe {
+                                x86::shared_token::<T>(
+                                    shape,
+                                    layer,
+                                    qi,
+                                    seqs[i],
+                                    positions[i] + 1,
+                                    scale,
+                                    kv,
+                                    scratch,
+                                    scores.get(),
+                                    op.get().add(i * q_dim),
+                                    (t, threads),
+                                    &barrier,
+                                );
+                            }
+                        }
+                    });
+                };
+                kern.pool.run(&job);
+            });
+            return;
+        }
         // A work item is a token with all its K/V heads when there are enough tokens (each
         // block of the cache is then read whole, in order), else one (token, K/V head) pair.
         // Either way the query heads sharing a K/V head read each block once.
@@ -169,6 +235,9 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
+    /// The calling thread's scores of one token, shared with the pool threads (see
+    /// `x86::shared_token`).
+    static SHARED_SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `v`'s allocation as an empty vector of `B`, an element type of the same size and alignment
@@ -326,70 +395,23 @@ mod x86 {
         }
         let mut runs: Vec<(usize, &[T], &[T])> = recycle(std::mem::take(spare));
         kv.read(layer, seq, len, &mut |p0, k, v| runs.push((p0, k, v)));
-        if let Some(&(_, k, v)) = runs.first() {
-            prefetch_rows(k, kv_dim, kvhs.start * hd, kvhs.len() * hd);
-            prefetch_rows(v, kv_dim, kvhs.start * hd, kvhs.len() * hd);
-        }
-        // Keys read in place, converted in the inner loop, 8 at a time for up to 3 heads (see
-        // `score_keys`); other head widths go through the key buffer.
-        let in_place = avx512 && hd.is_multiple_of(16);
-        let step = if in_place { 8 } else { block };
-        let mut pending = Pending::default();
         {
-            let qpad = &qpad[..];
             let kbuf = &mut kbuf[..block * hdp];
-            let scores = &mut scores[..heads * len];
-            for (r, &(p0, keys, _)) in runs.iter().enumerate() {
-                // Pages are scattered: fetch the next run's keys and values while this one
-                // computes (the hardware prefetchers do not cross into another page). The
-                // AVX-512 path asks for them into L2 a few lines per key scored; AVX2 asks
-                // for them all at once.
-                let next = runs.get(r + 1);
-                let n = keys.len() / kv_dim;
-                // Keys scored in this run, counted once per K/V head: the pace of `ahead`.
-                let slots = n * kvhs.len();
-                let mut ahead = Ahead::default();
-                if let Some(&(_, nk, nv)) = next {
-                    if avx512 {
-                        ahead = Ahead::new(nk, nv, kv_dim, kvhs.start * hd, kvhs.len() * hd, slots);
-                    } else {
-                        prefetch_rows(nk, kv_dim, kvhs.start * hd, kvhs.len() * hd);
-                        prefetch_rows(nv, kv_dim, kvhs.start * hd, kvhs.len() * hd);
-                    }
-                }
-                let mut b = 0;
-                while b < n {
-                    let nb = (n - b).min(step);
-                    for (s, kvh) in kvhs.clone().enumerate() {
-                        let sb = ScoreBlock {
-                            qpad: &qpad[s * g * hdp..(s + 1) * g * hdp],
-                            hd,
-                            hdp,
-                            g,
-                            kv_dim,
-                            kvh,
-                            scale,
-                            len,
-                        };
-                        let dst = &mut scores[s * g * len..(s + 1) * g * len];
-                        // SAFETY: the caller checked the CPU features.
-                        unsafe {
-                            if in_place {
-                                let keys = &keys[b * kv_dim + kvh * hd..];
-                                let at = dst.as_mut_ptr().add(p0 + b);
-                                score_keys(sb, keys, nb, at, &mut ahead, &mut pending);
-                            } else if avx512 {
-                                score_block(sb, keys, b, nb, kbuf, dst, p0 + b, &mut ahead);
-                            } else {
-                                avx2::score_block(sb, keys, b, nb, kbuf, dst, p0 + b)
-                            }
-                        };
-                    }
-                    b += nb;
-                }
-            }
-            // SAFETY: AVX-512 where anything is pending (only `score_keys` leaves a row).
-            unsafe { pending.flush(scale) };
+            let at = scores[..heads * len].as_mut_ptr();
+            score_runs(
+                &runs,
+                &qpad[..],
+                hd,
+                g,
+                kv_dim,
+                kvhs.clone(),
+                scale,
+                len,
+                0..len,
+                kbuf,
+                at,
+                avx512,
+            );
         }
         if avx512 {
             softmax_rows(&mut scores[..heads * len], len, sums);
@@ -398,14 +420,193 @@ mod x86 {
         }
         for (s, kvh) in kvhs.enumerate() {
             let probs = &scores[s * g * len..(s + 1) * g * len];
-            let dst = &mut out[s * g * hd..(s + 1) * g * hd];
+            let dst = out[s * g * hd..(s + 1) * g * hd].as_mut_ptr();
             if avx512 {
-                weighted_values::<T>(&runs, probs, hd, hdp, g, kv_dim, kvh, len, dst);
+                weighted_values::<T>(&runs, probs, hd, hdp, g, kv_dim, kvh, len, 0..hdp / 16, dst);
             } else {
+                let dst = std::slice::from_raw_parts_mut(dst, g * hd);
                 avx2::weighted_values::<T>(&runs, probs, hd, g, kv_dim, kvh, len, dst);
             }
         }
         *spare = recycle(runs);
+    }
+
+    /// Thread `t` of `threads`' part of one query token's attention over all K/V heads, the
+    /// threads running it together (see [`attention`]): the scores of a range of positions,
+    /// then (after a barrier) the softmax of a range of heads, then (after another) the
+    /// weighted values of a range of (K/V head, 16 dims). Every score, sum and output lane is
+    /// still computed whole, in the same order, by one thread: the bits of
+    /// [`group_attention`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW, VL), AVX2, FMA and F16C; `head_dim` is a multiple of 16;
+    /// `scores` holds `n_heads · len` values and `out` `n_heads · head_dim`, shared by the
+    /// threads and touched only here until the call returns.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn shared_token<T: Elem>(
+        shape: AttentionShape,
+        layer: usize,
+        q: &[f32],
+        seq: usize,
+        len: usize,
+        scale: f32,
+        kv: &dyn KvCache<T>,
+        scratch: &mut Scratch,
+        scores: *mut f32,
+        out: *mut f32,
+        (t, threads): (usize, usize),
+        barrier: &SpinBarrier,
+    ) {
+        let hd = shape.head_dim;
+        let heads = shape.n_heads;
+        let nkv = shape.n_kv_heads;
+        let g = heads / nkv;
+        let kv_dim = nkv * hd;
+        let chunks = hd / 16;
+        let Scratch {
+            runs: spare, sums, ..
+        } = scratch;
+        let mut runs: Vec<(usize, &[T], &[T])> = recycle(std::mem::take(spare));
+        kv.read(layer, seq, len, &mut |p0, k, v| runs.push((p0, k, v)));
+        let mine = part_range(len, threads, 16, t);
+        if !mine.is_empty() {
+            // Whole-chunk heads need no padding: the queries are read in place.
+            score_runs(
+                &runs,
+                q,
+                hd,
+                g,
+                kv_dim,
+                0..nkv,
+                scale,
+                len,
+                mine,
+                &mut [],
+                scores,
+                true,
+            );
+        }
+        barrier.wait();
+        let rows = part_range(heads, threads, 1, t);
+        if !rows.is_empty() {
+            let s = std::slice::from_raw_parts_mut(scores.add(rows.start * len), rows.len() * len);
+            softmax_rows(s, len, sums);
+        }
+        barrier.wait();
+        let probs = std::slice::from_raw_parts(scores, heads * len);
+        let units = part_range(nkv * chunks, threads, 1, t);
+        for kvh in 0..nkv {
+            let (a, b) = (
+                units.start.max(kvh * chunks),
+                units.end.min((kvh + 1) * chunks),
+            );
+            if a < b {
+                let group = &probs[kvh * g * len..(kvh + 1) * g * len];
+                let cols = a - kvh * chunks..b - kvh * chunks;
+                let dst = out.add(kvh * g * hd);
+                weighted_values::<T>(&runs, group, hd, hd, g, kv_dim, kvh, len, cols, dst);
+            }
+        }
+        *spare = recycle(runs);
+    }
+
+    /// Scores of positions `range` of K/V heads `kvhs` for their query heads (`qpad`, `g`
+    /// per K/V head, each padded to whole chunks), stored from `at` (head h's row `len`
+    /// further on each); the AVX-512 kernels where `avx512` says so, else the AVX2 ones.
+    /// `kbuf` holds one block of widened keys where the keys are not read in place.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and AVX-512 (F, BW, VL) where `avx512` says so. `at`
+    /// holds `kvhs.len() · g` rows of `len` scores; other threads may write other positions
+    /// of them only on the in-place path (AVX-512, whole-chunk heads), which writes through
+    /// the pointer alone.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_runs<T: Elem>(
+        runs: &[(usize, &[T], &[T])],
+        qpad: &[f32],
+        hd: usize,
+        g: usize,
+        kv_dim: usize,
+        kvhs: std::ops::Range<usize>,
+        scale: f32,
+        len: usize,
+        range: std::ops::Range<usize>,
+        kbuf: &mut [f32],
+        at: *mut f32,
+        avx512: bool,
+    ) {
+        let hdp = hd.div_ceil(16) * 16;
+        // The rows of each run inside `range`, as (first position, keys, values).
+        let mut runs = runs
+            .iter()
+            .filter_map(|&(p0, k, v)| {
+                let n = k.len() / kv_dim;
+                let (a, b) = (range.start.max(p0), range.end.min(p0 + n));
+                let rows = (a - p0) * kv_dim..(b - p0) * kv_dim;
+                (a < b).then(|| (a, &k[rows.clone()], &v[rows]))
+            })
+            .peekable();
+        if let Some(&(_, k, v)) = runs.peek() {
+            prefetch_rows(k, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+            prefetch_rows(v, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+        }
+        // Keys read in place, converted in the inner loop, 8 at a time for up to 3 heads (see
+        // `score_keys`); other head widths go through the key buffer.
+        let block = if avx512 { 16 } else { 8 };
+        let in_place = avx512 && hd.is_multiple_of(16);
+        let step = if in_place { 8 } else { block };
+        let mut pending = Pending::default();
+        while let Some((p0, keys, _)) = runs.next() {
+            // Pages are scattered: fetch the next run's keys and values while this one
+            // computes (the hardware prefetchers do not cross into another page). The
+            // AVX-512 path asks for them into L2 a few lines per key scored; AVX2 asks
+            // for them all at once.
+            let n = keys.len() / kv_dim;
+            // Keys scored in this run, counted once per K/V head: the pace of `ahead`.
+            let slots = n * kvhs.len();
+            let mut ahead = Ahead::default();
+            if let Some(&(_, nk, nv)) = runs.peek() {
+                if avx512 {
+                    ahead = Ahead::new(nk, nv, kv_dim, kvhs.start * hd, kvhs.len() * hd, slots);
+                } else {
+                    prefetch_rows(nk, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+                    prefetch_rows(nv, kv_dim, kvhs.start * hd, kvhs.len() * hd);
+                }
+            }
+            let mut b = 0;
+            while b < n {
+                let nb = (n - b).min(step);
+                for (s, kvh) in kvhs.clone().enumerate() {
+                    let sb = ScoreBlock {
+                        qpad: &qpad[s * g * hdp..(s + 1) * g * hdp],
+                        hd,
+                        hdp,
+                        g,
+                        kv_dim,
+                        kvh,
+                        scale,
+                        len,
+                    };
+                    // This K/V head's query heads' rows of scores.
+                    let dst = at.add(s * g * len);
+                    if in_place {
+                        let keys = &keys[b * kv_dim + kvh * hd..];
+                        score_keys(sb, keys, nb, dst.add(p0 + b), &mut ahead, &mut pending);
+                    } else {
+                        // Only one thread scores a work item off the in-place path.
+                        let dst = std::slice::from_raw_parts_mut(dst, g * len);
+                        if avx512 {
+                            score_block(sb, keys, b, nb, kbuf, dst, p0 + b, &mut ahead);
+                        } else {
+                            avx2::score_block(sb, keys, b, nb, kbuf, dst, p0 + b)
+                        }
+                    }
+                }
+                b += nb;
+            }
+        }
+        // AVX-512 where anything is pending (only `score_keys` leaves a row).
+        pending.flush(scale);
     }
 
     /// What [`score_block`] needs of the work item: its queries and shapes.
@@ -506,7 +707,8 @@ mod x86 {
         }
     }
 
-    /// Σ_j p[h][j] · v_j for the `g` heads of K/V head `kvh`, rounded to `T` into `out`.
+    /// Σ_j p[h][j] · v_j for the `g` heads of K/V head `kvh`, 16-lane chunks `cols` of the
+    /// head dims, rounded to `T` into `out` (head h's row `hd` further on each).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     unsafe fn weighted_values<T: Elem>(
@@ -518,16 +720,21 @@ mod x86 {
         kv_dim: usize,
         kvh: usize,
         len: usize,
-        out: &mut [f32],
+        cols: std::ops::Range<usize>,
+        out: *mut f32,
     ) {
-        // Heads in groups of up to 4, head dims in passes of 4 chunks.
-        let chunks = hdp / 16;
+        debug_assert!(cols.end <= hdp / 16);
+        // Heads in groups of up to 4, head dims in passes of up to 4 chunks.
         let mut h0 = 0;
         while h0 < g {
             let hg = (g - h0).min(4);
-            let mut c0 = 0;
-            while c0 < chunks {
-                let pw = if chunks - c0 >= 4 { 4 } else { 1 };
+            let mut c0 = cols.start;
+            while c0 < cols.end {
+                let pw = match cols.end - c0 {
+                    1 => 1,
+                    2 | 3 => 2,
+                    _ => 4,
+                };
                 let args = PvArgs {
                     hd,
                     kv_dim,
@@ -541,6 +748,10 @@ mod x86 {
                     (2, 4) => pv::<T, 2, 4>(runs, scores, args, out),
                     (3, 4) => pv::<T, 3, 4>(runs, scores, args, out),
                     (4, 4) => pv::<T, 4, 4>(runs, scores, args, out),
+                    (1, 2) => pv::<T, 1, 2>(runs, scores, args, out),
+                    (2, 2) => pv::<T, 2, 2>(runs, scores, args, out),
+                    (3, 2) => pv::<T, 3, 2>(runs, scores, args, out),
+                    (4, 2) => pv::<T, 4, 2>(runs, scores, args, out),
                     (1, _) => pv::<T, 1, 1>(runs, scores, args, out),
                     (2, _) => pv::<T, 2, 1>(runs, scores, args, out),
                     (3, _) => pv::<T, 3, 1>(runs, scores, args, out),
@@ -842,7 +1053,7 @@ mod x86 {
         runs: &[(usize, &[T], &[T])],
         probs: &[f32],
         a: PvArgs,
-        out: &mut [f32],
+        out: *mut f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); PW]; G];
         for &(p0, _, values) in runs {
@@ -852,7 +1063,7 @@ mod x86 {
         for h in 0..G {
             for c in 0..PW {
                 let d0 = (a.c0 + c) * 16;
-                let dst = out.as_mut_ptr().add((a.h0 + h) * hd + d0);
+                let dst = out.add((a.h0 + h) * hd + d0);
                 let n = (hd - d0).min(16);
                 let v = acc[h][c];
                 if T::KIND == ElemKind::F16 {

@@ -113,6 +113,66 @@ impl ThreadPool {
     }
 }
 
+/// A barrier for the threads of one [`ThreadPool::run`] call, which all run at once: phases
+/// of a job that read what every thread wrote in the phase before.
+pub(crate) struct SpinBarrier {
+    threads: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+    poisoned: AtomicBool,
+}
+
+impl SpinBarrier {
+    /// A barrier for `threads` threads.
+    pub(crate) fn new(threads: usize) -> SpinBarrier {
+        SpinBarrier {
+            threads: threads.max(1),
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    /// Returns once every thread has called `wait` as often as this one; panics if a thread
+    /// panicked while holding a [`SpinBarrier::guard`] (it would never arrive).
+    pub(crate) fn wait(&self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == generation {
+            assert!(
+                !self.poisoned.load(Ordering::Relaxed),
+                "a thread of this kernel call panicked"
+            );
+            spins = spins.saturating_add(1);
+            // A thread descheduled by the host must get its core back.
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Held by each thread for the duration of its part: if the thread panics, the others
+    /// stop waiting for it.
+    pub(crate) fn guard(&self) -> impl Drop + '_ {
+        struct Guard<'a>(&'a SpinBarrier);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.poisoned.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        Guard(self)
+    }
+}
+
 fn worker_loop(shared: Arc<Shared>, idx: usize) {
     let mut seen = 0u64;
     loop {
@@ -188,6 +248,47 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+    }
+
+    #[test]
+    fn barrier_phases_see_every_thread_write() {
+        let pool = ThreadPool::new(3);
+        for _ in 0..200 {
+            let barrier = SpinBarrier::new(3);
+            let slots: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+            let seen: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(&|t| {
+                let _g = barrier.guard();
+                for phase in 1..=4 {
+                    slots[t].store(phase, Ordering::Relaxed);
+                    barrier.wait();
+                    // Every thread has written this phase, and none the next one yet.
+                    let all = slots.iter().all(|s| s.load(Ordering::Relaxed) == phase);
+                    seen[t].fetch_add(all as usize, Ordering::Relaxed);
+                    barrier.wait();
+                }
+            });
+            assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 4));
+        }
+    }
+
+    #[test]
+    fn a_panicking_thread_releases_the_barrier() {
+        let pool = ThreadPool::new(2);
+        let barrier = SpinBarrier::new(2);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(&|t| {
+                let _g = barrier.guard();
+                if t == 1 {
+                    panic!("kernel bug");
+                }
+                barrier.wait();
+            })
+        }));
+        assert!(
+            r.is_err(),
+            "the caller's wait must end in a panic, not hang"
+        );
     }
 
     #[test]

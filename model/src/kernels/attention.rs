@@ -542,8 +542,11 @@ mod x86 {
             .filter_map(|&(p0, k, v)| {
                 let n = k.len() / kv_dim;
                 let (a, b) = (range.start.max(p0), range.end.min(p0 + n));
+                if a >= b {
+                    return None;
+                }
                 let rows = (a - p0) * kv_dim..(b - p0) * kv_dim;
-                (a < b).then(|| (a, &k[rows.clone()], &v[rows]))
+                Some((a, &k[rows.clone()], &v[rows]))
             })
             .peekable();
         if let Some(&(_, k, v)) = runs.peek() {

@@ -608,8 +608,11 @@ mod x86 {
                 b += nb;
             }
         }
-        // AVX-512 where anything is pending (only `score_keys` leaves a row).
-        pending.flush(scale);
+        // Only `score_keys` (AVX-512) leaves a row pending; `flush` is AVX-512 code, so
+        // the AVX2 path must not call it even when nothing is pending.
+        if avx512 {
+            pending.flush(scale);
+        }
     }
 
     /// What [`score_block`] needs of the work item: its queries and shapes.

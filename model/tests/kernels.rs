@@ -132,8 +132,8 @@ fn matmul_bits_independent_of_level_threads_and_batch<T: Elem>() {
 
 #[test]
 fn matmul_bits_hold_across_row_blocks_of_long_reductions() {
-    // k = 4100 makes the wide-panel path walk 70 rows in blocks of 3 tiles (12 rows), an odd
-    // number, in 6 k-blocks.
+    // k = 4100 makes the wide-panel path walk 70 rows (18 tiles) in blocks of a few tiles (3
+    // with a 1 MiB L2, 7 with 2 MiB), the last one short, in 6 k-blocks.
     let (m, k, n) = (70, 4100, 13);
     let x = rounded::<f16>(&common::values(6, m * k));
     let w: Vec<f16> = to_elems(&common::values(7, n * k));

@@ -1166,8 +1166,108 @@ mod x86 {
             r += MR256;
         }
         while r < m {
-            cols_avx2::<T, 1, 1>(x, r, k, w, cols.clone(), store);
+            if k / LANES >= SKEW && !one_row_single_cursor() {
+                skewed_avx2::<T, SKEW>(x, r, k, w, cols.clone(), store);
+            } else {
+                cols_avx2::<T, 1, 1>(x, r, k, w, cols.clone(), store);
+            }
             r += 1;
+        }
+    }
+
+    /// Cursors of [`skewed_avx2`].
+    const SKEW: usize = 2;
+
+    /// Whether AVX2 one-row products read with one cursor rather than [`skewed_avx2`]'s: only
+    /// when `HALFSTEP_ONE_ROW` says `stream` (the same bits; for comparing the two).
+    fn one_row_single_cursor() -> bool {
+        static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ONE.get_or_init(|| std::env::var("HALFSTEP_ONE_ROW").as_deref() == Ok("stream"))
+    }
+
+    /// Columns `cols` of row `r0`, reading the weights as one forward stream, with `S` cursors
+    /// a fraction of a row apart: in each period cursor `s` adds the `s`-th of `S` runs of
+    /// chunks of weight row `j - s`, and hands its sums to cursor `s + 1` for the next run.
+    ///
+    /// Every lane still adds its chunks in increasing k (the same bits as one cursor), but a
+    /// period has `2S` independent accumulator chains instead of 2. One cursor is bound by the
+    /// multiply-add latency: 16 weights per latency (5 cycles on Zen 3), about 20 GB/s of f16
+    /// a core at 3.5 GHz, below what 2 cores of a Zen 3 host read from DRAM (32 GB/s on one,
+    /// where batch-1 decode over HTTP reached 52% of the bandwidth limit with one cursor). On
+    /// Sapphire Rapids at the AVX2 level, 2 cursors took cache-hot one-row products from
+    /// 40–56 to 74–78 GB/s (gate/up and down, 3 alternating rounds); from DRAM, and in batch-1
+    /// decode, both read at the same speed within the noise. Not yet measured on Zen 3.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn skewed_avx2<T: Elem, const S: usize>(
+        x: &[f32],
+        r0: usize,
+        k: usize,
+        w: &[T],
+        cols: std::ops::Range<usize>,
+        store: &impl Fn(usize, usize, f32),
+    ) {
+        let full = k / LANES;
+        // Cursor s adds chunks s·q .. (s + 1)·q; the last also the rest, then the partial tail.
+        let q = full / S;
+        debug_assert!(q >= 1);
+        let xp = x.as_ptr().add(r0 * k);
+        let ahead = PF_ONE_BYTES / std::mem::size_of::<T>();
+        let line = (64 / std::mem::size_of::<T>()).max(LANES);
+        let n = cols.len();
+        let mut lo = [_mm256_setzero_ps(); S];
+        let mut hi = [_mm256_setzero_ps(); S];
+        // Period p: cursor s works on column cols.start + p - s, where that is one of `cols`;
+        // outside (the first and last S - 1 periods) it reads the nearest column of `cols`,
+        // and its sums are dropped.
+        for p in 0..n + S - 1 {
+            let mut wp = [std::ptr::null::<T>(); S];
+            for (s, ptr) in wp.iter_mut().enumerate() {
+                let j = cols.start + (p.saturating_sub(s)).min(n - 1);
+                *ptr = w.as_ptr().add(j * k + s * q * LANES);
+            }
+            // One prefetch stream at the rate the cursors together read, a fixed distance
+            // ahead of the front one: its addresses only go forward.
+            let pf0 = w.as_ptr().wrapping_add((cols.start + p) * k + ahead);
+            for t in 0..q {
+                let c = t * LANES;
+                for l in (0..S * LANES).step_by(line) {
+                    _mm_prefetch::<_MM_HINT_T0>(pf0.wrapping_add(S * c + l) as *const i8);
+                }
+                for s in 0..S {
+                    let xo = xp.add(s * q * LANES + c);
+                    let (xl, xh) = (_mm256_loadu_ps(xo), _mm256_loadu_ps(xo.add(8)));
+                    lo[s] = _mm256_fmadd_ps(xl, load8_256(wp[s].add(c)), lo[s]);
+                    hi[s] = _mm256_fmadd_ps(xh, load8_256(wp[s].add(c + 8)), hi[s]);
+                }
+            }
+            // The last cursor's column is complete after the chunks past S·q and the tail.
+            let last = S - 1;
+            if p >= last {
+                let j = cols.start + p - last;
+                let wr = w.as_ptr().add(j * k);
+                let (mut l, mut h) = (lo[last], hi[last]);
+                for c in (S * q * LANES..full * LANES).step_by(LANES) {
+                    l = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(c)), load8_256(wr.add(c)), l);
+                    h = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(c + 8)),
+                        load8_256(wr.add(c + 8)),
+                        h,
+                    );
+                }
+                if full * LANES < k {
+                    l = tail256(x, w, k, r0, j, 0, l);
+                    h = tail256(x, w, k, r0, j, 8, h);
+                }
+                store(r0, j, hsum256_pair(l, h));
+            }
+            // Each cursor's sums go on with the next cursor; cursor 0 starts a new column.
+            for s in (1..S).rev() {
+                lo[s] = lo[s - 1];
+                hi[s] = hi[s - 1];
+            }
+            lo[0] = _mm256_setzero_ps();
+            hi[0] = _mm256_setzero_ps();
         }
     }
 
@@ -1490,6 +1590,59 @@ mod tests {
     fn in_place_and_packed_operands_give_the_portable_bits() {
         panels_match_portable::<f16>();
         panels_match_portable::<bf16>();
+    }
+
+    fn skewed_matches_portable<T: Elem>() {
+        if SimdLevel::detect() < SimdLevel::Avx2 {
+            eprintln!("no AVX2 here: skewed one-row products not compared");
+            return;
+        }
+        // Chunk counts that split evenly, leave one chunk for the last cursor, or that and a
+        // partial tail; one column or several, starting at 0 or further in.
+        for (k, n, cols) in [
+            (576, 13, 0..13),
+            (100, 7, 0..7),
+            (80, 5, 2..5),
+            (90, 4, 3..4),
+            (1536, 6, 1..6),
+            (32, 3, 0..3),
+        ] {
+            let x = values(2 * k, 1);
+            let w: Vec<T> = values(n * k, 2).into_iter().map(T::from_f32).collect();
+            for r0 in 0..2 {
+                let want: Vec<u32> = cols
+                    .clone()
+                    .map(|j| {
+                        dot_portable(&x[r0 * k..(r0 + 1) * k], &w[j * k..(j + 1) * k]).to_bits()
+                    })
+                    .collect();
+                let got: Vec<std::cell::Cell<Option<u32>>> =
+                    (0..n).map(|_| Default::default()).collect();
+                let store = |r: usize, j: usize, v: f32| {
+                    assert_eq!(r, r0);
+                    assert!(
+                        got[j].replace(Some(v.to_bits())).is_none(),
+                        "column {j} twice"
+                    );
+                };
+                // SAFETY: AVX2 checked above; x holds 2 rows of k, w holds n rows of k.
+                unsafe { x86::skewed_avx2::<T, 2>(&x, r0, k, &w, cols.clone(), &store) };
+                let mut outside = (0..n).filter(|j| !cols.contains(j));
+                assert!(
+                    outside.all(|j| got[j].get().is_none()),
+                    "wrote outside {cols:?}"
+                );
+                let got: Vec<u32> = cols.clone().map(|j| got[j].get().unwrap()).collect();
+                assert_eq!(got, want, "k {k}, cols {cols:?}, row {r0}");
+            }
+        }
+    }
+
+    #[test]
+    fn skewed_cursors_give_the_portable_bits() {
+        skewed_matches_portable::<f16>();
+        skewed_matches_portable::<bf16>();
+        skewed_matches_portable::<f32>();
     }
 
     #[test]

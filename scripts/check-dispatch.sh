@@ -18,14 +18,20 @@ fi
 
 QEMU="${QEMU:-qemu-x86_64-static}"
 if ! command -v "$QEMU" >/dev/null; then
-    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    # Installed as root, or through sudo where it asks for no password.
+    SUDO=()
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+        SUDO=(sudo -n)
+    fi
+    if { [ "$(id -u)" -ne 0 ] && [ "${#SUDO[@]}" -eq 0 ]; } || ! command -v apt-get >/dev/null; then
         echo "check-dispatch: needs $QEMU (Debian's qemu-user-static) and cannot install it here" >&2
         exit 1
     fi
     echo "check-dispatch: installing qemu-user-static from Debian ..."
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends qemu-user-static >/dev/null \
-        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends qemu-user-static >/dev/null; }
+    install=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q
+        --no-install-recommends qemu-user-static)
+    # The package lists may be missing or stale on a fresh machine.
+    "${install[@]}" >/dev/null || { "${SUDO[@]}" apt-get update -q >/dev/null && "${install[@]}" >/dev/null; }
     QEMU=qemu-x86_64-static
 fi
 

@@ -811,13 +811,14 @@ mod x86 {
                 let nr = (cols.end - j).min(NR512);
                 if nr < NR512 {
                     for dj in 0..nr {
-                        widen_row(
+                        widen_rows::<T, 1>(
                             &w[(j + dj) * k..(j + dj + 1) * k],
+                            k,
                             &mut panel[dj * kc..(dj + 1) * kc],
                         );
                     }
                 } else if !direct {
-                    widen_panel(&w[j * k..(j + NR512) * k], k, &mut panel[..NR512 * kc]);
+                    widen_rows::<T, NR512>(&w[j * k..(j + NR512) * k], k, &mut panel[..NR512 * kc]);
                 }
                 if nr == NR512 {
                     let wj = &w[j * k..(j + NR512) * k];
@@ -954,58 +955,34 @@ mod x86 {
             const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
 
-    /// Widens one weight row to f32 chunks, zero-padded to whole chunks.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn widen_row<T: Elem>(src: &[T], dst: &mut [Chunk]) {
-        let full = src.len() / LANES;
-        for c in 0..full {
-            _mm512_store_ps(
-                dst[c].0.as_mut_ptr(),
-                load16_512(src.as_ptr().add(c * LANES)),
-            );
-        }
-        if full < dst.len() {
-            let mut last = Chunk::default();
-            for (d, s) in last.0.iter_mut().zip(&src[full * LANES..]) {
-                *d = s.to_f32();
-            }
-            dst[full] = last;
-        }
-    }
-
-    /// Widens `NR512` weight rows (`rows`, `k` each) to f32, chunk-major: chunk `c` of row `j`
-    /// goes to `dst[c · NR512 + j]`, zero-padded to whole chunks.
+    /// Widens `NR` weight rows (`rows`, `k` each) to f32, chunk-major: chunk `c` of row `j`
+    /// goes to `dst[c · NR + j]`, zero-padded to whole chunks (one row: its chunks in order).
     ///
-    /// The tile then finds the panel's 6 vectors of a chunk at fixed offsets from one pointer.
+    /// The tile then finds a panel's 6 vectors of a chunk at fixed offsets from one pointer.
     /// Row-major, it needed a register per row for the row offsets, and with 4 activation
     /// pointers besides, 4 of them were reloaded from the stack every chunk (seen in the
     /// annotated loop on Sapphire Rapids: 14 loads per 24 multiply-adds instead of 10).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn widen_panel<T: Elem>(rows: &[T], k: usize, dst: &mut [Chunk]) {
-        let kc = k.div_ceil(LANES);
-        debug_assert!(rows.len() == NR512 * k && dst.len() == NR512 * kc);
-        let full = k / LANES;
+    unsafe fn widen_rows<T: Elem, const NR: usize>(rows: &[T], k: usize, dst: &mut [Chunk]) {
+        let (nr, kc, full) = (NR, k.div_ceil(LANES), k / LANES);
+        debug_assert!(rows.len() == nr * k && dst.len() == nr * kc);
         for c in 0..full {
-            for j in 0..NR512 {
+            for j in 0..nr {
                 _mm512_store_ps(
-                    dst[c * NR512 + j].0.as_mut_ptr(),
+                    dst[c * nr + j].0.as_mut_ptr(),
                     load16_512(rows.as_ptr().add(j * k + c * LANES)),
                 );
             }
         }
         if full < kc {
-            for j in 0..NR512 {
+            for j in 0..nr {
                 let mut last = Chunk::default();
-                for (d, s) in last
-                    .0
-                    .iter_mut()
-                    .zip(&rows[j * k + full * LANES..(j + 1) * k])
-                {
+                let tail = &rows[j * k + full * LANES..(j + 1) * k];
+                for (d, s) in last.0.iter_mut().zip(tail) {
                     *d = s.to_f32();
                 }
-                dst[full * NR512 + j] = last;
+                dst[full * nr + j] = last;
             }
         }
     }
@@ -1023,7 +1000,7 @@ mod x86 {
 
     /// Adds chunks `chunks` of one tile of 4 activation rows (`xt`: their starts and chunk
     /// step) against `NR` weight rows into `acc`: rows of the widened `panel` (chunk-major, see
-    /// [`widen_panel`]; one row is both layouts), or with `DIRECT` the rows of `w` as stored
+    /// [`widen_rows`]; one row is both layouts), or with `DIRECT` the rows of `w` as stored
     /// (`kc` whole chunks each). With `PACKED_X` the rows are a tile of [`pack_rows`], each
     /// one chunk after the one before, so they too are fixed offsets from one pointer. Zero
     /// padding adds fma(0, 0, acc) = acc, as the striped dot's padded tail.
